@@ -1,0 +1,56 @@
+"""mmdata: turn multimodal datasets into training-ready LLaMA-Factory fine-tuning data.
+
+Public API (the CLI is a thin layer over exactly these functions)::
+
+    import mmdata
+    result = mmdata.build("latex_ocr_sample", max_samples=20)   # or a path to a recipe YAML
+    result.datasets, result.counts
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any  # noqa: E402
+
+from .errors import BuildError, DatasetInfoError, MmdataError, RecipeError, SampleError, SourceError  # noqa: E402
+from .recipes import Recipe, list_recipes, load_recipe  # noqa: E402
+from .sources import Source, SourceParams, register_source  # noqa: E402
+
+
+def build(
+    recipe: str | Recipe,
+    *,
+    num_proc: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    engine: str = "local",
+    strict: bool = False,
+    quiet: bool = True,
+    **overrides: Any,
+):
+    """Build a recipe (built-in name, YAML path, or a :class:`Recipe`) and return a ``BuildResult``.
+
+    Keyword overrides use double underscores for nesting: ``build("latex_ocr", output__dir="out", max_samples=10)``;
+    dotted keys work through ``overrides={"output.dir": ...}`` style dicts too (``**{"output.dir": "out"}``).
+    """
+    from .pipeline import build_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, {k.replace("__", "."): v for k, v in overrides.items()})
+    elif overrides:
+        raise RecipeError("overrides apply to recipe names or paths; edit the Recipe object directly instead")
+    return build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet)
+
+
+def validate(dataset_info: str, datasets: list[str] | None = None, **options: Any):
+    """Lint an existing LLaMA-Factory dataset (see ``mmdata validate``); returns the report."""
+    from .check import validate_dataset_info
+
+    return validate_dataset_info(dataset_info, datasets, **options)
+
+
+__all__ = [
+    "BuildError", "DatasetInfoError", "MmdataError", "Recipe", "RecipeError", "SampleError", "Source",
+    "SourceError", "SourceParams", "__version__", "build", "list_recipes", "load_recipe", "register_source",
+    "validate",
+]

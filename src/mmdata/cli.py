@@ -1,0 +1,141 @@
+"""The ``mmdata`` command: parses arguments, calls the public API, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import MmdataError
+
+
+def _parse_set(values: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MmdataError(f"--set {item!r}: expected KEY=VALUE, e.g. --set output.dir=out/x")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    return index, count
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .recipes import list_recipes
+
+    recipes = list_recipes()
+    width = max((len(n) for n, _ in recipes), default=0)
+    for name, description in recipes:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .recipes import recipe_path
+
+    print(recipe_path(args.recipe).read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from . import build
+    from .summary import format_summary
+
+    overrides = _parse_set(args.set)
+    if args.overwrite:
+        overrides["output.overwrite"] = "true"
+    result = build(args.recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
+                   quiet=args.quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    print(format_summary(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .pipeline import merge_shards
+    from .summary import format_summary
+
+    print(format_summary(merge_shards(args.output_dir, args.parts, strict=args.strict)))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .recipes import recipe_json_schema
+    from .samples import sample_json_schema
+
+    schema = sample_json_schema() if args.what == "sample" else recipe_json_schema()
+    print(json.dumps(schema, indent=2, ensure_ascii=False))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdata", description="Multimodal datasets -> LLaMA-Factory fine-tuning data")
+    parser.add_argument("--version", action="version", version=f"mmdata {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list built-in recipes")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="print a recipe")
+    p.add_argument("recipe", help="built-in recipe name or path")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("build", help="build a recipe into LLaMA-Factory data")
+    p.add_argument("recipe", help="built-in recipe name or path to a recipe YAML")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: recipe or all cores)")
+    p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="build only part I of N")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--strict", action="store_true", help="fail the build if any record is rejected")
+    p.add_argument("--overwrite", action="store_true", help="replace existing dataset_info entries / output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("merge", help="merge --shard outputs into one dataset")
+    p.add_argument("output_dir")
+    p.add_argument("parts", nargs="*", help="shard output folders (none: shards were built into OUTPUT_DIR)")
+    p.add_argument("--strict", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a sample or a recipe")
+    p.add_argument("what", choices=["sample", "recipe"])
+    p.set_defaults(func=cmd_schema)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands that live next to their implementation; each registers its own arguments."""
+    for module, function in (("mmdata.check", "add_validate_command"), ("mmdata.lfconfig", "add_llamafactory_command"), ("mmdata.report", "add_report_command"),
+                             ("mmdata.train.cli", "add_train_commands")):
+        try:
+            mod = __import__(module, fromlist=[function])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("mmdata"):
+                continue
+            raise
+        getattr(mod, function)(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MmdataError as e:
+        print(f"mmdata: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mmdata: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

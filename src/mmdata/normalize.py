@@ -1,0 +1,169 @@
+"""Turn one raw source row into a draft sample: the conversation plus references to its images.
+
+Field mapping (the recipe's ``fields``, over the source's ``default_fields``):
+- ``messages`` set and present in the row: the row already holds a conversation (JSON sources). ``prompt``, if
+  given, is inserted at the start of the first user turn, after its leading ``<image>`` placeholders.
+- otherwise the user turn is the rendered ``prompt`` (a ``{column}`` template; a list of prompts picks one per row,
+  seeded) or, without a prompt, the ``question`` column; the assistant turn is the ``answer`` column.
+- images come from ``image`` / ``images``; a user turn without ``<image>`` placeholders gets one per image prepended.
+Any problem raises :class:`SampleError` with a reason; the pipeline turns it into a reject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SampleError
+from .recipes import Recipe
+from .samples import IMAGE_PLACEHOLDER
+
+
+@dataclass
+class ImageRef:
+    """An image before it is written: encoded bytes, or a file to copy or link (never a decoded picture)."""
+
+    data: bytes | None = None
+    path: Path | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        return self.path.read_bytes()
+
+
+@dataclass
+class Draft:
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    id: str | None = None
+
+
+def effective_fields(recipe: Recipe, source_defaults: dict[str, str]) -> dict[str, str | None]:
+    explicit = recipe.fields.model_dump()
+    if any(v for v in explicit.values()):
+        # An explicit mapping wins whole; defaults only fill roles the recipe did not mention and that do not clash.
+        merged = dict(explicit)
+        for role, column in source_defaults.items():
+            if merged.get(role) is None and not (role == "messages" and explicit.get("answer")):
+                merged[role] = column
+        return merged
+    return {**explicit, **source_defaults}
+
+
+def choose_prompt(recipe: Recipe, position: int) -> str | None:
+    """The prompt for this row: the single one, or one of the list picked by a seeded hash of the row position."""
+    if recipe.prompt is None or isinstance(recipe.prompt, str):
+        return recipe.prompt
+    digest = hashlib.sha256(f"{recipe.seed}:{position}".encode()).digest()
+    return recipe.prompt[int.from_bytes(digest[:8], "big") % len(recipe.prompt)]
+
+
+class _Row(dict):
+    def __missing__(self, key: str) -> Any:
+        raise SampleError(f"prompt uses {{{key}}} but the row has no column {key!r} (columns: {', '.join(self)})")
+
+
+def render(template: str, row: dict) -> str:
+    """``str.format``-style ``{column}`` substitution; literal braces as ``{{``/``}}``; no attribute access."""
+    fields_used = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    for name in fields_used:
+        if not name.isidentifier():
+            raise SampleError(f"prompt placeholder {{{name}}} is not a plain column name")
+    return template.format_map(_Row({k: "" if _is_missing(v) else v for k, v in row.items()}))
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(row: dict, column: str | None, role: str) -> str:
+    if column is None:
+        raise SampleError(f"no column is mapped to {role}: set fields.{role} in the recipe")
+    if column not in row:
+        raise SampleError(f"fields.{role} is {column!r} but the row has no such column (columns: {', '.join(row)})")
+    value = row[column]
+    if _is_missing(value):
+        return ""
+    if not isinstance(value, (str, int, float)):
+        raise SampleError(f"column {column!r} ({role}) holds a {type(value).__name__}, expected text")
+    return str(value)
+
+
+def image_refs(value: Any, image_root: Path) -> list[ImageRef]:
+    """Accept encoded bytes, HF ``{bytes, path}`` dicts, path strings (relative to ``image_root``) or lists of them."""
+    if _is_missing(value) or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [ref for item in value for ref in image_refs(item, image_root)]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return [ImageRef(data=bytes(value))]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return [ImageRef(data=bytes(value["bytes"]))]
+        if value.get("path"):
+            return image_refs(value["path"], image_root)
+        raise SampleError("image entry has neither bytes nor path")
+    if isinstance(value, (str, os.PathLike)):
+        text = str(value)
+        if "\0" in text:
+            raise SampleError("image path contains a NUL byte")
+        path = Path(os.path.expanduser(text))
+        return [ImageRef(path=path if path.is_absolute() else image_root / path)]
+    if hasattr(value, "save"):  # a decoded PIL image from a source that decodes: re-encode losslessly
+        import io
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return [ImageRef(data=buf.getvalue())]
+    raise SampleError(f"image value is a {type(value).__name__}; expected bytes, a path or {{bytes, path}}")
+
+
+def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, str | None], image_root: Path) -> Draft:
+    if "__error__" in row:
+        raise SampleError(row["__error__"])
+    record_id = row.get(fields["id"]) if fields.get("id") else None
+    images: list[ImageRef] = []
+    for role in ("image", "images"):
+        column = fields.get(role)
+        if column and column in row:
+            images += image_refs(row[column], image_root)
+    prompt = choose_prompt(recipe, position)
+    messages_column = fields.get("messages")
+    if messages_column and messages_column in row:
+        messages = [dict(m) for m in row[messages_column]]
+        if prompt is not None:
+            _insert_prompt(messages, render(prompt, row))
+    else:
+        user = render(prompt, row) if prompt is not None else _text(row, fields.get("question"), "question")
+        answer = _text(row, fields.get("answer"), "answer")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages if isinstance(m.get("content"), str)):
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = IMAGE_PLACEHOLDER * len(images) + first_user["content"]
+    system = recipe.system
+    if fields.get("system") and not _is_missing(row.get(fields["system"])) and row.get(fields["system"]):
+        system = str(row[fields["system"]])
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    videos = [str(v) for v in row.get("videos") or []] if messages_column and "videos" in row else []
+    return Draft(messages=messages, images=images, videos=videos,
+                 id=None if _is_missing(record_id) else str(record_id))
+
+
+def _insert_prompt(messages: list[dict], prompt: str) -> None:
+    for m in messages:
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            content = m["content"]
+            head = ""
+            while content.startswith(IMAGE_PLACEHOLDER):
+                head += IMAGE_PLACEHOLDER
+                content = content[len(IMAGE_PLACEHOLDER):]
+            m["content"] = head + prompt + ("\n" + content if content.strip() else "")
+            return

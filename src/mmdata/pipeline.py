@@ -1,0 +1,653 @@
+"""The build engine: source rows -> tasks -> (normalise, check, write) in workers -> finalise.
+
+Rows are read once, in order, and cut into tasks of ``output.shard_size`` rows. Task ``k`` owns rows
+``[k*size, (k+1)*size)`` and writes only its own files (``part-0000k.jsonl`` per split, its images, its rejects), then
+a completion marker. Everything a task writes depends only on its rows and the recipe, so:
+
+- any number of workers gives the same bytes (``num_proc``);
+- a killed build resumes by skipping tasks that have a marker (files are renamed into place before the marker);
+- ``--shard I/N`` builds the tasks with ``k % N == I``; ``mmdata merge`` unions the parts and finalises;
+- memory stays flat: at most a few tasks are in flight, nothing holds the whole dataset.
+
+Finalising concatenates rejects, writes JSON arrays when ``file_format: json``, merges ``dataset_info.json`` and
+writes the manifest ``mmdata_build.json`` last. An unchanged recipe on an unchanged source finds the manifest's
+fingerprint equal and returns at once ("up to date") without writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import __version__
+from .errors import BuildError, RecipeError, SampleError
+from .images import convert_image, inspect_image, link_or_copy, write_bytes_atomic
+from .normalize import Draft, effective_fields, normalize_row
+from .recipes import Recipe, Split
+from .samples import Sample
+from .sources import Source, open_source
+from .writers.llamafactory import dataset_info_entry, merge_dataset_info, record_json, write_text_atomic
+
+MANIFEST = "mmdata_build.json"
+STATE_DIR = ".mmdata"
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------- layout & split
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every file of a build goes. Paths in records are relative to the folder of ``dataset_info.json``."""
+
+    root: Path
+    name: str
+    file_format: str
+    split_enabled: bool
+    dataset_info: Path
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> Layout:
+        root = Path(recipe.output.dir).expanduser().resolve()
+        info = Path(recipe.output.dataset_info).expanduser().resolve() if recipe.output.dataset_info else root / "dataset_info.json"
+        return cls(root, recipe.dataset_name, recipe.output.file_format, recipe.split.enabled, info)
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def media_prefix(self) -> str:
+        """Relative path from the dataset_info folder to the output folder ('' when they are the same)."""
+        rel = os.path.relpath(self.root, self.dataset_info.parent)
+        return "" if rel == "." else rel.replace(os.sep, "/") + "/"
+
+    def dataset_name(self, split: str) -> str:
+        return f"{self.name}_{split}" if self.split_enabled else self.name
+
+    def data_path(self, split: str) -> Path:
+        """The ``file_name`` target: a shard folder (jsonl) or one JSON array file (json)."""
+        base = self.root / self.dataset_name(split)
+        return base if self.file_format == "jsonl" else base.with_suffix(".json")
+
+    def part(self, split: str, task: int) -> Path:
+        folder = self.data_path(split) if self.file_format == "jsonl" else self.state / "parts" / split
+        return folder / f"part-{task:05d}.jsonl"
+
+    def rejects_part(self, task: int) -> Path:
+        return self.state / "rejects" / f"part-{task:05d}.jsonl"
+
+    def marker(self, task: int) -> Path:
+        return self.state / "done" / f"task-{task:05d}.json"
+
+    def image(self, task: int, position: int, k: int, extension: str) -> Path:
+        return self.root / "images" / f"{task:05d}" / f"{position:09d}_{k}.{extension}"
+
+    def owned_paths(self) -> list[Path]:
+        """Everything a build of this layout may create (what a rebuild removes; nothing else is touched)."""
+        return [*(self.data_path(s) for s in SPLITS), self.root / "images", self.root / "rejects.jsonl",
+                self.root / MANIFEST, self.state]
+
+
+class Splitter:
+    """Seeded assignment of input positions to train/val/test. Memory is O(val + test), never O(rows)."""
+
+    def __init__(self, split: Split, total: int | None, seed: int):
+        self.val: set[int] = set()
+        self.test: set[int] = set()
+        if not split.enabled:
+            return
+        if total is None:
+            raise RecipeError(
+                "split needs the number of rows, which this source cannot tell (streaming): set max_samples"
+            )
+        k_val, k_test = _size(split.val, total), _size(split.test, total)
+        if k_val + k_test > total:
+            raise RecipeError(f"split asks for {k_val} val + {k_test} test rows but the input has only {total}")
+        if split.pick == "last":
+            self.val = set(range(total - k_val, total))
+            self.test = set(range(total - k_val - k_test, total - k_val))
+        else:
+            chosen = random.Random(seed).sample(range(total), k_val + k_test)
+            self.val, self.test = set(chosen[:k_val]), set(chosen[k_val:])
+
+    def __call__(self, position: int) -> str:
+        return "val" if position in self.val else "test" if position in self.test else "train"
+
+
+def _size(value: int | float, total: int) -> int:
+    return int(value) if isinstance(value, int) else round(value * total)
+
+
+# ----------------------------------------------------------------------------------------------- task execution
+
+
+@dataclass
+class TaskContext:
+    """What a worker needs to process any task; built once per process."""
+
+    recipe: Recipe
+    layout: Layout
+    fields: dict[str, str | None]
+    image_root: Path
+    splitter: Splitter
+
+
+@dataclass
+class TaskStats:
+    task: int
+    read: int = 0
+    written: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    by_source: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "read": self.read, "written": dict(sorted(self.written.items())),
+                "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items()))}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskStats:
+        return cls(data["task"], data["read"], Counter(data["written"]), Counter(data["rejected"]),
+                   Counter(data.get("by_source", {})))
+
+
+@dataclass
+class _PreparedImage:
+    ref_path: Path | None
+    data: bytes
+    extension: str
+    width: int
+    height: int
+
+
+def run_task(ctx: TaskContext, task: int, rows: list[tuple[int, dict]]) -> TaskStats:
+    """Process one task's rows and write its files; the completion marker is written last."""
+    layout, recipe = ctx.layout, ctx.recipe
+    stats = TaskStats(task)
+    lines: dict[str, list[str]] = {}
+    rejects: list[str] = []
+    for position, row in rows:
+        stats.read += 1
+        source_name = row.pop("__source__", None) if isinstance(row, dict) else None
+        try:
+            split = ctx.splitter(position)
+            line = _process_row(ctx, task, position, row)
+        except SampleError as e:
+            stats.rejected[e.kind] += 1
+            rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
+            continue
+        lines.setdefault(split, []).append(line)
+        stats.written[split] += 1
+        if source_name:
+            stats.by_source[source_name] += 1
+    for split, split_lines in lines.items():
+        _write_lines(layout.part(split, task), split_lines)
+    _write_lines(layout.rejects_part(task), rejects)
+    marker = layout.marker(task)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, json.dumps(stats.to_json()))
+    return stats
+
+
+def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> str:
+    recipe, layout = ctx.recipe, ctx.layout
+    draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root)
+    prepared = [_prepare_image(ref, recipe) for ref in draft.images]
+    _apply_filters(recipe, draft, prepared)
+    image_paths = [layout.image(task, position, k, img.extension) for k, img in enumerate(prepared)]
+    try:
+        sample = Sample.model_validate(
+            {"messages": draft.messages, "videos": draft.videos,
+             "images": [layout.media_prefix + p.relative_to(layout.root).as_posix() for p in image_paths]},
+            context={"allow_empty_answer": recipe.for_prediction},
+        )
+    except ValidationError as e:
+        raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
+    for img, path in zip(prepared, image_paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if img.ref_path is not None and recipe.images.mode == "link":
+            link_or_copy(img.ref_path, path, img.data)
+        else:
+            write_bytes_atomic(path, img.data)
+    return record_json(sample, recipe.output.format)
+
+
+def _short(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
+    try:
+        data = ref.read()
+    except FileNotFoundError:
+        raise SampleError(f"image file not found: {ref.path}", kind="image file not found") from None
+    except IsADirectoryError:
+        raise SampleError(f"image path is a folder: {ref.path}", kind="image file not found") from None
+    except OSError as e:
+        raise SampleError(f"cannot read image {ref.path}: {e.strerror}", kind="image unreadable") from None
+    opts = recipe.images
+    if opts.mode == "convert":
+        inspect_image(data, "header")
+        data, info = convert_image(data, opts.max_pixels, opts.format, opts.quality)
+    else:
+        try:
+            info = inspect_image(data, opts.verify)
+        except SampleError as e:
+            raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
+    return _PreparedImage(ref.path, data, info.extension, info.width, info.height)
+
+
+def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -> None:
+    f = recipe.filters
+    answer = next((m["content"] for m in reversed(draft.messages) if m.get("role") == "assistant"), "")
+    question = next((m["content"] for m in draft.messages if m.get("role") == "user"), "")
+    checks = [
+        (f.min_answer_chars, lambda: len(answer) < f.min_answer_chars, "answer shorter than min_answer_chars"),
+        (f.max_answer_chars, lambda: len(answer) > f.max_answer_chars, "answer longer than max_answer_chars"),
+        (f.min_question_chars, lambda: len(question) < f.min_question_chars, "question shorter than min_question_chars"),
+        (f.max_question_chars, lambda: len(question) > f.max_question_chars, "question longer than max_question_chars"),
+        (f.require_images or None, lambda: not images, "no image"),
+    ]
+    for img in images:
+        checks += [
+            (f.min_image_side, lambda i=img: min(i.width, i.height) < f.min_image_side, "image smaller than min_image_side"),
+            (f.max_image_side, lambda i=img: max(i.width, i.height) > f.max_image_side, "image larger than max_image_side"),
+            (f.max_aspect_ratio, lambda i=img: max(i.width, i.height) / min(i.width, i.height) > f.max_aspect_ratio,
+             "image aspect ratio above max_aspect_ratio"),
+        ]
+    for bound, failed, reason in checks:
+        if bound is not None and isinstance(answer, str) and isinstance(question, str) and failed():
+            raise SampleError(f"filtered: {reason}", kind=f"filtered: {reason}")
+
+
+def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:
+    record_id = None
+    if isinstance(row, dict):
+        record_id = row.get(fields.get("id") or "id")
+        if not isinstance(record_id, (str, int, float)) or isinstance(record_id, bool):
+            record_id = None
+    entry = {"position": position, "id": record_id, "reason": kind, "message": message}
+    if source:
+        entry["source"] = source
+    return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not lines:
+        if path.exists():
+            path.unlink()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- executors
+
+_WORKER_CTX: TaskContext | None = None
+
+
+def _init_worker(ctx: TaskContext) -> None:
+    global _WORKER_CTX
+    _WORKER_CTX = ctx
+
+
+def _run_in_worker(task: int, rows: list[tuple[int, dict]]) -> TaskStats:
+    assert _WORKER_CTX is not None
+    return run_task(_WORKER_CTX, task, rows)
+
+
+def run_local(ctx: TaskContext, tasks: Iterable[tuple[int, list]], num_proc: int) -> Iterator[TaskStats]:
+    """Run tasks in this process (``num_proc == 1``) or a process pool with a bounded number in flight."""
+    if num_proc <= 1:
+        for task, rows in tasks:
+            yield run_task(ctx, task, rows)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_init_worker, initargs=(ctx,)) as pool:
+        pending = set()
+        for task, rows in tasks:
+            pending.add(pool.submit(_run_in_worker, task, rows))
+            if len(pending) >= 2 * num_proc:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        for fut in pending:
+            yield fut.result()
+
+
+# ----------------------------------------------------------------------------------------------- the build
+
+
+@dataclass
+class BuildResult:
+    """What a build produced: where, under which dataset names, and the counts (``read == written + rejected``)."""
+
+    output_dir: Path
+    dataset_info: Path | None
+    datasets: dict[str, Path]
+    counts: dict[str, Any]
+    up_to_date: bool = False
+    manifest: Path | None = None
+    shard: tuple[int, int] = (0, 1)
+
+    @property
+    def read(self) -> int:
+        return self.counts["read"]
+
+    @property
+    def written(self) -> int:
+        return self.counts["written"]
+
+    @property
+    def rejected(self) -> int:
+        return self.counts["rejected"]
+
+
+def build_recipe(
+    recipe: Recipe,
+    num_proc: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    engine: str = "local",
+    strict: bool = False,
+    quiet: bool = True,
+) -> BuildResult:
+    """Build ``recipe``; see the module docstring for the guarantees."""
+    layout = Layout.for_recipe(recipe)
+    source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or ".")
+    fingerprint = records_fingerprint(recipe, layout, source)
+    shard_index, shard_count = shard
+    if not (0 <= shard_index < shard_count):
+        raise BuildError(f"--shard {shard_index}/{shard_count}: the index must be in 0..{shard_count - 1}")
+
+    manifest = _read_json(layout.root / MANIFEST)
+    if manifest and manifest.get("fingerprint") == fingerprint and manifest.get("shard") == list(shard) \
+            and _registered(layout, manifest, recipe):
+        return _result_from_manifest(layout, manifest, up_to_date=True)
+
+    _claim_output(layout, recipe, fingerprint)
+    total = source.num_rows()
+    if recipe.max_samples is not None:
+        total = recipe.max_samples if total is None else min(total, recipe.max_samples)
+    ctx = TaskContext(recipe, layout, effective_fields(recipe, getattr(source, "default_fields", {})),
+                      source.image_root, Splitter(recipe.split, total, recipe.split_seed))
+    num_proc = num_proc or recipe.num_proc or os.cpu_count() or 1
+    size = recipe.output.shard_size
+
+    def wanted(task: int) -> bool:
+        return task % shard_count == shard_index and not layout.marker(task).exists()
+
+    progress = _progress(total, quiet, recipe.name)
+    task_ids: list[int] = []
+
+    def tasks() -> Iterator[tuple[int, list]]:
+        rows = _limited(source.rows(), recipe.max_samples)
+        for task, chunk in enumerate(_chunks(rows, size)):
+            task_ids.append(task)
+            if wanted(task):
+                yield task, chunk
+            else:
+                progress.update(len(chunk))
+
+    runner = _engine(engine)
+    for stats in runner(ctx, tasks(), num_proc):
+        progress.update(stats.read)
+    progress.close()
+    num_tasks = len(task_ids)
+    if shard_count > 1:
+        return _write_shard_manifest(layout, recipe, fingerprint, shard, num_tasks)
+    return finalize(layout, recipe, fingerprint, num_tasks, strict=strict)
+
+
+def _engine(name: str):
+    if name == "local":
+        return run_local
+    if name == "ray":
+        from .engines.ray import run_ray
+
+        return run_ray
+    raise BuildError(f"unknown engine {name!r}: use local or ray")
+
+
+def _limited(rows: Iterator[dict], limit: int | None) -> Iterator[tuple[int, dict]]:
+    return enumerate(itertools.islice(rows, limit) if limit is not None else rows)
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _progress(total: int | None, quiet: bool, name: str):
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: workers are forked
+    return tqdm(total=total, disable=quiet, desc=f"build {name}", unit="rows", dynamic_ncols=True)
+
+
+def records_fingerprint(recipe: Recipe, layout: Layout, source: Source) -> str:
+    """Everything that decides the bytes of records and images; registry-only options are left out on purpose."""
+    relevant = recipe.model_dump(mode="json", exclude={"description": True, "num_proc": True,
+                                                         "output": {"overwrite", "dataset_info", "dir"}})
+    payload = json.dumps({"recipe": relevant, "media_prefix": layout.media_prefix, "source": source.fingerprint(),
+                          "mmdata": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _claim_output(layout: Layout, recipe: Recipe, fingerprint: str) -> None:
+    """Make ``layout.root`` this build's: keep finished tasks of the same fingerprint, clear a stale build's files."""
+    state_file = layout.state / "state.json"
+    state = _read_json(state_file)
+    if state and state.get("name") != recipe.dataset_name and not recipe.output.overwrite:
+        raise BuildError(
+            f"{layout.root} holds the build {state.get('name')!r}; choose another output.dir, or pass --overwrite "
+            "to replace it"
+        )
+    if state and state.get("fingerprint") != fingerprint:
+        old = Layout(layout.root, state["name"], state.get("file_format", layout.file_format),
+                     state.get("split_enabled", layout.split_enabled), layout.dataset_info)
+        for path in old.owned_paths():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif not state:
+        (layout.root / MANIFEST).unlink(missing_ok=True)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    for tmp in layout.root.rglob("*.tmp"):
+        tmp.unlink()
+    write_text_atomic(state_file, json.dumps({
+        "name": recipe.dataset_name, "fingerprint": fingerprint, "file_format": layout.file_format,
+        "split_enabled": layout.split_enabled}))
+
+
+def _write_shard_manifest(layout: Layout, recipe: Recipe, fingerprint: str, shard: tuple[int, int],
+                          num_tasks: int) -> BuildResult:
+    stats = _collect_stats(layout, [t for t in range(num_tasks) if t % shard[1] == shard[0]])
+    manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets={})
+    manifest["shard"] = list(shard)
+    write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    return _result_from_manifest(layout, manifest)
+
+
+def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, strict: bool = False) -> BuildResult:
+    """Check every task finished, assemble rejects (and JSON arrays), register datasets, write the manifest."""
+    missing = [t for t in range(num_tasks) if not layout.marker(t).exists()]
+    if missing:
+        raise BuildError(f"{layout.root}: tasks {missing[:10]} are not finished; build the missing shards first")
+    stats = _collect_stats(layout, range(num_tasks))
+    _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
+    written = Counter()
+    for s in stats:
+        written.update(s.written)
+    datasets: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
+    for split in SPLITS:
+        if not written.get(split):
+            continue
+        path = layout.data_path(split)
+        if layout.file_format == "json":
+            _write_json_array([layout.part(split, t) for t in range(num_tasks)], path)
+        rel = os.path.relpath(path, layout.dataset_info.parent).replace(os.sep, "/")
+        name = layout.dataset_name(split)
+        entries[name] = dataset_info_entry(recipe.output.format, rel, has_images=True, has_videos=False)
+        datasets[name] = {"split": split, "file_name": rel, "count": written[split]}
+    manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets)
+    if strict and manifest["counts"]["rejected"]:
+        raise BuildError(
+            f"--strict: {manifest['counts']['rejected']} record(s) rejected "
+            f"({', '.join(f'{k}: {v}' for k, v in manifest['counts']['rejected_by_reason'].items())}); "
+            f"see {layout.root / 'rejects.jsonl'}. Nothing was registered in {layout.dataset_info}"
+        )
+    if entries:
+        merge_dataset_info(layout.dataset_info, entries, overwrite=recipe.output.overwrite)
+    write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    return _result_from_manifest(layout, manifest)
+
+
+def _collect_stats(layout: Layout, tasks: Iterable[int]) -> list[TaskStats]:
+    return [TaskStats.from_json(json.loads(layout.marker(t).read_text())) for t in tasks if layout.marker(t).exists()]
+
+
+def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, stats: list[TaskStats],
+              datasets: dict) -> dict:
+    written, rejected, by_source = Counter(), Counter(), Counter()
+    read = 0
+    for s in stats:
+        read += s.read
+        written.update(s.written)
+        rejected.update(s.rejected)
+        by_source.update(s.by_source)
+    counts = {
+        "read": read, "written": sum(written.values()), "rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "by_split": {s: written[s] for s in SPLITS if written.get(s)},
+    }
+    if by_source:
+        counts["by_source"] = dict(sorted(by_source.items()))
+    assert counts["read"] == counts["written"] + counts["rejected"], counts
+    return {
+        "mmdata_version": __version__,
+        "name": recipe.name,
+        "fingerprint": fingerprint,
+        "shard": [0, 1],
+        "num_tasks": num_tasks,
+        "dataset_info": os.path.relpath(layout.dataset_info, layout.root).replace(os.sep, "/"),
+        "datasets": datasets,
+        "counts": counts,
+        "image_max_pixels": recipe.images.max_pixels,
+        "recipe": recipe.model_dump(mode="json"),
+    }
+
+
+def _registered(layout: Layout, manifest: dict, recipe: Recipe) -> bool:
+    """The manifest's datasets are (still) in the dataset_info.json this recipe points at."""
+    if manifest.get("shard") != [0, 1]:
+        return True
+    if os.path.relpath(layout.dataset_info, layout.root).replace(os.sep, "/") != manifest.get("dataset_info"):
+        return False
+    info = _read_json(layout.dataset_info) or {}
+    return all(name in info for name in manifest.get("datasets", {}))
+
+
+def _result_from_manifest(layout: Layout, manifest: dict, up_to_date: bool = False) -> BuildResult:
+    datasets = {name: layout.dataset_info.parent / d["file_name"] for name, d in manifest["datasets"].items()}
+    return BuildResult(layout.root, layout.dataset_info if datasets else None, datasets, manifest["counts"],
+                       up_to_date=up_to_date, manifest=layout.root / MANIFEST, shard=tuple(manifest["shard"]))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _concat_parts(parts: list[Path], dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            if part.exists():
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+    os.replace(tmp, dest)
+
+
+def _write_json_array(parts: list[Path], dest: Path) -> None:
+    """Stream JSONL parts into one JSON array, one record per line, without holding the records."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    first = True
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write("[")
+        for part in parts:
+            if not part.exists():
+                continue
+            with open(part, encoding="utf-8") as f:
+                for line in f:
+                    out.write(("\n" if first else ",\n") + line.rstrip("\n"))
+                    first = False
+        out.write("\n]\n")
+    os.replace(tmp, dest)
+
+
+def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], strict: bool = False) -> BuildResult:
+    """Union shard build folders into ``output_dir`` (hard links where possible) and finalise.
+
+    With no ``parts``, ``output_dir`` itself already holds every shard (shards built into one shared folder).
+    """
+    root = Path(output_dir).resolve()
+    manifests = [_read_json(Path(p) / MANIFEST) for p in parts] or [_read_json(root / MANIFEST)]
+    if any(m is None for m in manifests):
+        raise BuildError("every shard folder needs its mmdata_build.json: build it with --shard I/N first")
+    fingerprints = {m["fingerprint"] for m in manifests}
+    if len(fingerprints) != 1:
+        raise BuildError("the shard folders come from different recipes or sources (fingerprints differ)")
+    for part in parts:
+        part = Path(part).resolve()
+        if part == root:
+            continue
+        for src in part.rglob("*"):
+            if src.is_file() and src.name not in (MANIFEST, "state.json"):
+                dest = root / src.relative_to(part)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _link_file(src, dest)
+    base = manifests[0]
+    from .recipes import validate_recipe
+
+    recipe = validate_recipe(base["recipe"], origin=str(parts[0] if parts else root), base_dir=base["recipe"].get("base_dir"))
+    recipe.output.dir = str(root)
+    layout = Layout.for_recipe(recipe)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(layout.state / "state.json", json.dumps({
+        "name": recipe.dataset_name, "fingerprint": base["fingerprint"], "file_format": layout.file_format,
+        "split_enabled": layout.split_enabled}))
+    return finalize(layout, recipe, base["fingerprint"], base["num_tasks"], strict=strict)
+
+
+def _link_file(src: Path, dest: Path) -> None:
+    if dest.exists():
+        dest.unlink()
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)

@@ -1,0 +1,257 @@
+"""Recipes: the YAML file that declares a build, validated by pydantic before any data is touched.
+
+A recipe names a source (``source.type`` picks the adapter, the other keys are that adapter's parameters), how raw
+columns map onto a conversation (``fields``, ``prompt``, ``system``), what to keep (``filters``, ``max_samples``), how
+to treat images, how to split, and where to write. Built-in recipes ship in ``mmdata/recipes/`` inside the package.
+Relative input paths resolve against the recipe file's folder; ``output.dir`` against the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(BaseModel):
+    """``type`` selects a registered source; every other key is validated by that source's own ``Params`` model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Fields(_Strict):
+    """Which raw column plays which role. Unset roles are absent from the source."""
+
+    id: str | None = None
+    image: str | None = Field(None, description="column holding one image (bytes, {'bytes','path'} or a path)")
+    images: str | None = Field(None, description="column holding a list of images")
+    question: str | None = Field(None, description="column holding the user's text (used when no `prompt` is set)")
+    answer: str | None = Field(None, description="column holding the assistant's answer")
+    messages: str | None = Field(None, description="column holding a whole conversation (sharegpt-like list)")
+    system: str | None = Field(None, description="column holding a per-record system prompt")
+
+
+class Filters(_Strict):
+    """Records outside these bounds are rejected with reason ``filtered: ...`` (never silently dropped)."""
+
+    min_answer_chars: int | None = None
+    max_answer_chars: int | None = None
+    min_question_chars: int | None = None
+    max_question_chars: int | None = None
+    min_image_side: int | None = None
+    max_image_side: int | None = None
+    max_aspect_ratio: float | None = None
+    require_images: bool = False
+
+
+class ImageOptions(_Strict):
+    """``copy`` writes the source bytes untouched; ``link`` hard-links file sources (copy across filesystems);
+    ``convert`` decodes, fixes EXIF orientation and mode, resizes to ``max_pixels`` and re-encodes."""
+
+    mode: Literal["copy", "link", "convert"] = "copy"
+    max_pixels: int | None = Field(None, gt=0, description="resize budget (width*height) when mode is convert")
+    format: Literal["jpeg", "png", "keep"] = "keep"
+    quality: int = Field(95, ge=1, le=100)
+    verify: Literal["header", "decode"] = Field(
+        "decode", description="decode: read the whole image stream (cheap reduced-size decode for JPEG)"
+    )
+
+    @model_validator(mode="after")
+    def _convert_needs_reason(self) -> ImageOptions:
+        if self.mode != "convert" and (self.max_pixels is not None or self.format != "keep"):
+            raise ValueError("images.max_pixels / images.format need images.mode: convert (copy/link never re-encode)")
+        return self
+
+
+class Split(_Strict):
+    """Hold out ``val`` (and ``test``) records: a count (int) or a fraction of the input rows (float < 1)."""
+
+    val: int | float = 0
+    test: int | float = 0
+    seed: int | None = None
+    pick: Literal["random", "last"] = Field(
+        "random", description="random: seeded choice of rows; last: the last rows of the input (the tutorial's way)"
+    )
+
+    @field_validator("val", "test")
+    @classmethod
+    def _non_negative(cls, v: int | float) -> int | float:
+        if v < 0 or (isinstance(v, float) and v >= 1):
+            raise ValueError("a split size is a count (int >= 0) or a fraction (0 <= float < 1)")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.val) or bool(self.test)
+
+
+class Output(_Strict):
+    dir: str = Field(..., description="output folder; relative to the current directory")
+    format: Literal["sharegpt", "alpaca"] = "sharegpt"
+    file_format: Literal["jsonl", "json"] = Field(
+        "jsonl", description="jsonl: a folder of shards per split; json: one JSON array file per split"
+    )
+    name: str | None = Field(None, description="dataset name prefix (default: the recipe name)")
+    dataset_info: str | None = Field(
+        None, description="dataset_info.json to create or merge into (default: <dir>/dataset_info.json)"
+    )
+    shard_size: int = Field(10000, gt=0, description="input rows per task/shard")
+    overwrite: bool = Field(False, description="replace existing dataset_info entries of the same name")
+
+
+class Recipe(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    source: SourceSpec
+    fields: Fields = Fields()
+    prompt: str | list[str] | None = Field(
+        None, description="user text template ({column} placeholders); a list picks one per record, seeded"
+    )
+    system: str | None = Field(None, description="system prompt for every record")
+    max_samples: int | None = Field(None, gt=0, description="read at most this many source rows")
+    seed: int = 42
+    filters: Filters = Filters()
+    images: ImageOptions = ImageOptions()
+    split: Split = Split()
+    output: Output
+    for_prediction: bool = Field(False, description="allow empty answers (sets built only for prediction)")
+    num_proc: int | None = Field(None, gt=0, description="worker processes (default: all cores)")
+
+    # Where the recipe came from; relative source paths resolve against it. Not part of the YAML.
+    base_dir: str | None = Field(None, exclude=True)
+
+    @property
+    def dataset_name(self) -> str:
+        return self.output.name or self.name
+
+    @property
+    def split_seed(self) -> int:
+        return self.split.seed if self.split.seed is not None else self.seed
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def builtin_recipe_dir() -> Path:
+    return Path(str(resources.files("mmdata") / "recipes"))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every built-in recipe, sorted by name."""
+    found = []
+    for path in sorted(builtin_recipe_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        found.append((path.stem, str(data.get("description", "")).strip()))
+    return found
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A path to an existing file wins; otherwise a built-in recipe name."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise RecipeError(f"{candidate}: recipe file not found")
+        return candidate
+    builtin = builtin_recipe_dir() / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = [n for n, _ in list_recipes()]
+    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise RecipeError(f"no recipe named {name_or_path!r}{suggestion}; `mmdata list` shows the built-in ones")
+
+
+def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe. ``overrides`` use dotted keys: ``{"output.dir": "x", "max_samples": 10}``."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, source:, output: ...)")
+    for key, value in (overrides or {}).items():
+        if key.startswith("source.") and isinstance(value, str) and os.path.exists(value):
+            value = os.path.abspath(value)  # an override path is the caller's, relative to their cwd
+        set_dotted(data, key, value)
+    base_dir = path.parent.resolve()
+    if path.parent.resolve() == builtin_recipe_dir().resolve():
+        base_dir = (builtin_recipe_dir() / "data").resolve()
+    return validate_recipe(data, origin=str(path), base_dir=str(base_dir))
+
+
+def validate_recipe(data: dict, origin: str = "<recipe>", base_dir: str | None = None) -> Recipe:
+    """Validate a recipe mapping; errors name the file, the key path and the closest valid key."""
+    try:
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir or os.getcwd()})
+    except ValidationError as e:
+        raise RecipeError(_explain(e, origin)) from None
+    from .sources import get_source_class
+
+    source_cls = get_source_class(recipe.source.type)
+    try:
+        source_cls.Params.model_validate(recipe.source.params())
+    except ValidationError as e:
+        raise RecipeError(_explain(e, origin, prefix=("source",), model=source_cls.Params)) from None
+    return recipe
+
+
+def _explain(error: ValidationError, origin: str, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
+    lines = [f"{origin}: invalid recipe"]
+    for err in error.errors():
+        loc = tuple(str(p) for p in prefix + tuple(err["loc"]))
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(model or Recipe, loc[len(prefix):-1]) if model or not prefix else []
+            hint = difflib.get_close_matches(loc[-1], valid, n=1)
+            suggestion = f"; did you mean {'.'.join(loc[:-1] + (hint[0],))!r}?" if hint else ""
+            lines.append(f"  unknown key {where!r}{suggestion} (valid here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(k for k in model.model_fields if k != "base_dir")
+
+
+def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
+    """``set_dotted(d, "output.dir", "x")``; values given as strings are parsed as YAML scalars (``10`` -> 10)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass
+    keys = dotted_key.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def recipe_json_schema() -> dict:
+    return Recipe.model_json_schema()

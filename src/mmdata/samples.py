@@ -1,0 +1,124 @@
+"""The canonical sample: one conversation plus the media it refers to, validated by the rules LLaMA-Factory applies.
+
+Every source normalises into :class:`Sample`; every writer reads from it. The rules live in
+:func:`conversation_problems` so that the build (which rejects a record on its first problem) and ``mmdata validate``
+(which lists every problem of every record) apply exactly the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(BaseModel):
+    """One turn. Content is plain text; media appear as ``<image>``/``<video>`` placeholders inside it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str
+
+
+class Sample(BaseModel):
+    """A training record in LLaMA-Factory's sharegpt ``messages`` shape.
+
+    ``images``/``videos`` hold paths (relative to the dataset folder once written). Validation context
+    ``{"allow_empty_answer": True}`` accepts an empty final assistant turn, for prediction-only sets.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message]
+    images: list[str] = []
+    videos: list[str] = []
+
+    @model_validator(mode="after")
+    def _conversation_rules(self, info: ValidationInfo) -> Sample:
+        allow_empty = bool((info.context or {}).get("allow_empty_answer", False))
+        problems = conversation_problems(
+            [(m.role, m.content) for m in self.messages], len(self.images), len(self.videos), allow_empty
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_json_line(self) -> str:
+        """Compact, key-ordered JSON (non-ASCII kept readable): the exact bytes written to data files."""
+        record: dict = {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        if self.images:
+            record["images"] = list(self.images)
+        if self.videos:
+            record["videos"] = list(self.videos)
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def conversation_problems(
+    turns: list[tuple[str, object]], n_images: int, n_videos: int = 0, allow_empty_answer: bool = False
+) -> list[str]:
+    """Return every rule a conversation breaks, as messages that say what to fix (empty list: valid).
+
+    Rules (what LLaMA-Factory's sharegpt converter and the Qwen2-VL plugin accept): at most one system message and
+    only first; then user/assistant alternate starting with user and ending with assistant; user content not empty;
+    assistant content not empty unless the set is for prediction; ``<image>`` count equals the number of images and
+    ``<video>`` count the number of videos.
+    """
+    problems: list[str] = []
+    if not turns:
+        return ["no messages: a sample needs at least one user and one assistant turn"]
+    for i, (role, content) in enumerate(turns):
+        if not isinstance(content, str):
+            problems.append(f"message {i} content is {type(content).__name__}, expected a string")
+    roles = [role for role, _ in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        problems.append("a system message may only come first (merge it into the first one)")
+    if not body:
+        problems.append("only a system message: add a user and an assistant turn")
+    else:
+        for i, role in enumerate(body):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role not in ("user", "assistant", "system"):
+                problems.append(f"unknown role {role!r}: use system, user or assistant")
+                break
+            if role != expected and role != "system":
+                problems.append(
+                    f"turn {i + (len(roles) - len(body))} is {role!r} but {expected!r} was expected: "
+                    "turns must alternate user/assistant starting with user"
+                )
+                break
+        else:
+            if body[-1] != "assistant":
+                problems.append("the conversation ends with a user turn: add the assistant answer or drop that turn")
+    for i, (role, content) in enumerate(turns):
+        if not isinstance(content, str):
+            continue
+        if role == "user" and not content.strip():
+            problems.append(f"message {i} (user) is empty")
+        if role == "assistant" and not content.strip():
+            is_last = i == len(turns) - 1
+            if not (allow_empty_answer and is_last):
+                problems.append(f"message {i} (assistant) is empty")
+    text = "".join(c for _, c in turns if isinstance(c, str))
+    n_image_tags = text.count(IMAGE_PLACEHOLDER)
+    if n_image_tags != n_images:
+        problems.append(
+            f"{n_image_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): "
+            "each image needs exactly one placeholder in the text"
+        )
+    n_video_tags = text.count(VIDEO_PLACEHOLDER)
+    if n_video_tags != n_videos:
+        problems.append(f"{n_video_tags} {VIDEO_PLACEHOLDER} placeholder(s) but {n_videos} video(s)")
+    return problems
+
+
+def sample_json_schema() -> dict:
+    """JSON Schema of a written record (``mmdata schema sample``)."""
+    return Sample.model_json_schema()

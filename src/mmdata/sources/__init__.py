@@ -1,0 +1,114 @@
+"""Source adapters: one small module per input shape, registered by ``type:`` name.
+
+A source only *reads*: it yields raw rows (plain dicts) in a deterministic order. Turning a row into a conversation is
+the normaliser's job (``mmdata.normalize``), driven by the recipe's ``fields``/``prompt``. Third-party packages add
+sources through the entry-point group ``mmdata.sources`` (``name = "package.module:SourceClass"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import RecipeError
+
+_REGISTRY: dict[str, type[Source]] = {}
+_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex")
+
+
+class SourceParams(BaseModel):
+    """Base for a source's parameters: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source:
+    """Base class. Subclasses set ``Params`` and implement :meth:`rows`; the rest has sensible defaults."""
+
+    Params: ClassVar[type[SourceParams]] = SourceParams
+
+    def __init__(self, params: SourceParams, base_dir: Path):
+        self.params = params
+        self.base_dir = base_dir
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Yield raw rows in a fixed order (the same order on every run and every machine)."""
+        raise NotImplementedError
+
+    def num_rows(self) -> int | None:
+        """Row count when cheap to know (needed for seeded splits); ``None`` if unknown (e.g. streaming)."""
+        return None
+
+    @property
+    def image_root(self) -> Path:
+        """Folder that relative image paths in rows are resolved against."""
+        return self.base_dir
+
+    def fingerprint(self) -> str:
+        """Changes whenever the input changes; used to decide whether a rebuild is needed."""
+        return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """A parameter path made absolute against the recipe's folder."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Cheap content fingerprint of input files: name, size and modification time of each."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def register_source(name: str) -> Callable[[type[Source]], type[Source]]:
+    """Class decorator: ``@register_source("csv")`` makes ``source: {type: csv}`` use the class."""
+
+    def decorate(cls: type[Source]) -> type[Source]:
+        _REGISTRY[name] = cls
+        cls.type_name = name
+        return cls
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def get_source_class(name: str) -> type[Source]:
+    """Look a source type up: built-ins first, then the ``mmdata.sources`` entry points."""
+    if not _REGISTRY:
+        _load_builtins()
+    if name not in _REGISTRY:
+        for ep in entry_points(group="mmdata.sources"):
+            if ep.name == name:
+                cls = ep.load()
+                _REGISTRY.setdefault(name, cls)
+                break
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group="mmdata.sources")})
+        raise RecipeError(f"unknown source type {name!r}: known types are {', '.join(known)}")
+    return _REGISTRY[name]
+
+
+def open_source(source_type: str, params: dict[str, Any], base_dir: str | os.PathLike) -> Source:
+    cls = get_source_class(source_type)
+    return cls(cls.Params.model_validate(params), Path(base_dir))
+
+
+def source_types() -> list[str]:
+    if not _REGISTRY:
+        _load_builtins()
+    return sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group="mmdata.sources")})

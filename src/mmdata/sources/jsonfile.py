@@ -1,0 +1,168 @@
+"""JSON / JSONL source for the conversation shapes people already have.
+
+Recognised per record (``shape: auto``): LLaMA-Factory sharegpt ``messages`` (role/content), ``conversations``
+(from/value with human/gpt, or role/value), the tutorial layout whose user turn *is* an image path, and alpaca
+``instruction/input/output`` (+ ``system``, ``history``, ``images``). Each record becomes a row with canonical
+``messages`` ([{role, content}]), ``images``, ``videos`` and ``id``, plus its other top-level keys untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from ..errors import SourceError
+from . import Source, SourceParams, files_fingerprint, register_source
+
+ROLE_ALIASES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+    "model": "assistant", "system": "system",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class JsonParams(SourceParams):
+    path: str
+    shape: Literal["auto", "sharegpt", "alpaca"] = "auto"
+    image_root: str | None = None
+
+
+class ShapeError(ValueError):
+    """A record matches none of the known shapes; becomes a reject with this message."""
+
+
+@register_source("json")
+@register_source("jsonl")
+class JsonSource(Source):
+    Params = JsonParams
+    default_fields = {"messages": "messages", "images": "images", "id": "id"}
+
+    def __init__(self, params: JsonParams, base_dir: Path):
+        super().__init__(params, base_dir)
+        self.path = self.resolve(params.path)
+        if not self.path.exists():
+            raise SourceError(f"{self.path}: JSON file not found (source.path is relative to the recipe's folder)")
+        self.files = sorted(self.path.glob("*.json*")) if self.path.is_dir() else [self.path]
+
+    @property
+    def image_root(self) -> Path:
+        if self.params.image_root:
+            return self.resolve(self.params.image_root)
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def raw_records(self) -> Iterator[object]:
+        for file in self.files:
+            yield from _read_records(file)
+
+    def rows(self) -> Iterator[dict]:
+        for record in self.raw_records():
+            try:
+                yield to_canonical(record, self.params.shape)
+            except ShapeError as e:
+                # Keep the row so the pipeline rejects it with the reason instead of losing it.
+                yield {"__error__": str(e), "id": record.get("id") if isinstance(record, dict) else None}
+
+    def num_rows(self) -> int:
+        return sum(1 for _ in self.raw_records())
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.files) + self.params.model_dump_json()
+
+
+def _read_records(path: Path) -> Iterator[object]:
+    """A JSON array (parsed whole: arrays cannot be streamed by the stdlib) or JSON Lines, one record per line."""
+    with open(path, encoding="utf-8-sig") as f:
+        first = f.read(1)
+        while first and first.isspace():
+            first = f.read(1)
+        f.seek(0)
+        if first == "[":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            yield from data
+            return
+        if first == "{" and path.suffix == ".json":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                f.seek(0)  # JSON Lines in a .json file
+            else:
+                raise SourceError(
+                    f"{path}: top level is an object, not a list of records; "
+                    f"wrap the records in [...] or use JSON Lines (keys here: {', '.join(list(data)[:5])})"
+                )
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({e.msg})"}
+
+
+def to_canonical(record: object, shape: str = "auto") -> dict:
+    if not isinstance(record, dict):
+        raise ShapeError(f"record is a {type(record).__name__}, expected an object")
+    row = {k: v for k, v in record.items() if k not in ("messages", "conversations")}
+    if shape in ("auto", "sharegpt") and ("messages" in record or "conversations" in record):
+        key = "messages" if "messages" in record else "conversations"
+        messages, images_from_turns = _turns(record[key], key)
+        row["messages"] = messages
+        row["images"] = _as_list(record.get("images")) + images_from_turns
+    elif shape in ("auto", "alpaca") and "instruction" in record:
+        messages = []
+        if record.get("system"):
+            messages.append({"role": "system", "content": record["system"]})
+        for pair in record.get("history") or []:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ShapeError("alpaca history must be a list of [question, answer] pairs")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        instruction, query = record.get("instruction"), record.get("input")
+        user = "\n".join(str(p) for p in (instruction, query) if p not in (None, ""))
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+        row["messages"] = messages
+        row["images"] = _as_list(record.get("images"))
+    else:
+        raise ShapeError(
+            f"unrecognised record shape (keys: {', '.join(sorted(record)[:8])}); expected messages, conversations "
+            "or instruction/output"
+        )
+    row["videos"] = _as_list(record.get("videos"))
+    return row
+
+
+def _turns(turns: object, key: str) -> tuple[list[dict], list[str]]:
+    if not isinstance(turns, list):
+        raise ShapeError(f"{key!r} is a {type(turns).__name__}, expected a list of turns")
+    messages, images = [], []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ShapeError(f"{key}[{i}] is a {type(turn).__name__}, expected an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLE_ALIASES:
+            raise ShapeError(f"{key}[{i}] has role {role!r}; expected user/assistant/system (or human/gpt)")
+        role = ROLE_ALIASES[role]
+        if not isinstance(content, str):
+            raise ShapeError(f"{key}[{i}] content is {type(content).__name__}, expected a string")
+        if role == "user" and _is_image_path(content):
+            images.append(content.strip())
+            content = "<image>"
+        messages.append({"role": role, "content": content})
+    return messages, images
+
+
+def _is_image_path(text: str) -> bool:
+    """The tutorial layout puts a bare image path in the user turn: one token ending in an image suffix."""
+    stripped = text.strip()
+    return bool(stripped) and "\n" not in stripped and " " not in stripped and stripped.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _as_list(value) -> list:
+    if value is None or value == "":
+        return []
+    return value if isinstance(value, list) else [value]

@@ -1,0 +1,124 @@
+"""LLaMA-Factory output: one JSON line per record (sharegpt or alpaca) and the ``dataset_info.json`` entries.
+
+Entries spell out ``formatting``, ``columns`` and ``tags`` completely: LLaMA-Factory replaces the defaults of a given
+``columns``/``tags`` mapping key by key, so an omitted key becomes ``None`` rather than its default. Merging into an
+existing ``dataset_info.json`` holds an exclusive lock, keeps every other entry byte-for-byte in value and order,
+and replaces the file atomically, so concurrent builds and crashes never lose or corrupt an entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import DatasetInfoError
+from ..samples import Sample
+
+SHAREGPT_TAGS = {
+    "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+    "system_tag": "system",
+}
+
+
+def record_json(sample: Sample, fmt: str) -> str:
+    """The exact line written for one sample."""
+    if fmt == "sharegpt":
+        return sample.to_json_line()
+    return json.dumps(alpaca_record(sample), ensure_ascii=False, separators=(",", ":"))
+
+
+def alpaca_record(sample: Sample) -> dict:
+    """alpaca: the last user/assistant pair is instruction/output, earlier pairs become ``history``."""
+    turns = [(m.role, m.content) for m in sample.messages]
+    record: dict = {}
+    if turns and turns[0][0] == "system":
+        record["system"] = turns[0][1]
+        turns = turns[1:]
+    pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    *history, (instruction, output) = pairs
+    record = {"instruction": instruction, "input": "", "output": output, **record}
+    if history:
+        record["history"] = [list(p) for p in history]
+    if sample.images:
+        record["images"] = list(sample.images)
+    if sample.videos:
+        record["videos"] = list(sample.videos)
+    return record
+
+
+def dataset_info_entry(fmt: str, file_name: str, has_images: bool, has_videos: bool = False) -> dict:
+    if fmt == "sharegpt":
+        columns = {"messages": "messages"}
+    else:
+        columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                   "history": "history"}
+    if has_images:
+        columns["images"] = "images"
+    if has_videos:
+        columns["videos"] = "videos"
+    entry = {"file_name": file_name, "formatting": fmt, "columns": columns}
+    if fmt == "sharegpt":
+        entry["tags"] = dict(SHAREGPT_TAGS)
+    return entry
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``<path>.lock`` for the read-modify-write of a shared registry file."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = False) -> list[str]:
+    """Add ``entries`` to the ``dataset_info.json`` at ``path`` (created if missing); returns the names written.
+
+    An existing entry with the same name and the same value is left as is; a different one is an error unless
+    ``overwrite``. Everything else in the file is preserved.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        info: dict = {}
+        if path.exists() and path.stat().st_size > 0:
+            try:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DatasetInfoError(
+                    f"{path}: existing file is not valid JSON (line {e.lineno}: {e.msg}); fix or move it, "
+                    "mmdata will not overwrite it"
+                ) from None
+            if not isinstance(info, dict):
+                raise DatasetInfoError(f"{path}: top level is not an object; fix or move it")
+        clashes = [n for n, e in entries.items() if n in info and info[n] != e]
+        if clashes and not overwrite:
+            raise DatasetInfoError(
+                f"{path}: entries {', '.join(clashes)} already exist with different content; "
+                "pass --overwrite (or output.overwrite: true) to replace them, or choose another output.name"
+            )
+        info.update(entries)
+        write_text_atomic(path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    return list(entries)
