@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import SampleError
 
@@ -52,6 +52,8 @@ def inspect_image(data: bytes, verify: str = "decode") -> ImageInfo:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError(f"image too large (decompression bomb guard): {e}") from None
+    except UnidentifiedImageError:
+        raise SampleError("not an image file (no known image format)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError...) for bad data
         raise SampleError(f"not a readable image ({type(e).__name__}: {e})") from None
     if info.width <= 0 or info.height <= 0:
