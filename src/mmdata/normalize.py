@@ -127,7 +127,7 @@ def image_refs(value: Any, image_root: Path) -> list[ImageRef]:
 
 def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, str | None], image_root: Path) -> Draft:
     if "__error__" in row:
-        raise SampleError(row["__error__"])
+        raise SampleError(row["__error__"], kind=row.get("__reason__"))
     record_id = row.get(fields["id"]) if fields.get("id") else None
     images: list[ImageRef] = []
     for role in ("image", "images"):

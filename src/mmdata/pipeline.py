@@ -1,16 +1,18 @@
 """The build engine: source rows -> tasks -> (normalise, check, write) in workers -> finalise.
 
 Rows are read once, in order, and cut into tasks of ``output.shard_size`` rows. Task ``k`` owns rows
-``[k*size, (k+1)*size)`` and writes only its own files (``part-0000k.jsonl`` per split, its images, its rejects), then
-a completion marker. Everything a task writes depends only on its rows and the recipe, so:
+``[k*size, (k+1)*size)`` and writes only its own files (a staged ``part-0000k.jsonl`` of its records, its images, its
+rejects), then a completion marker. Everything a task writes depends only on its rows and the recipe, so:
 
 - any number of workers gives the same bytes (``num_proc``);
 - a killed build resumes by skipping tasks that have a marker (files are renamed into place before the marker);
 - ``--shard I/N`` builds the tasks with ``k % N == I``; ``mmdata merge`` unions the parts and finalises;
 - memory stays flat: at most a few tasks are in flight, nothing holds the whole dataset.
 
-Finalising concatenates rejects, writes JSON arrays when ``file_format: json``, merges ``dataset_info.json`` and
-writes the manifest ``mmdata_build.json`` last. An unchanged recipe on an unchanged source finds the manifest's
+Finalising routes the staged records, in input order, into the splits: the split is drawn over *written* records, so
+``val: 4`` gives exactly 4 validation records even when some rows were rejected. Each split becomes a folder of
+fixed-size JSONL shards (or one JSON array). Then rejects are concatenated, ``dataset_info.json`` is merged and the
+manifest ``mmdata_build.json`` is written last. An unchanged recipe on an unchanged source finds the manifest's
 fingerprint equal and returns at once ("up to date") without writing anything.
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import __version__
-from .errors import BuildError, RecipeError, SampleError
+from .errors import BuildError, SampleError
 from .images import convert_image, inspect_image, link_or_copy, write_bytes_atomic
 from .normalize import Draft, effective_fields, normalize_row
 from .recipes import Recipe, Split
@@ -82,9 +84,9 @@ class Layout:
         base = self.root / self.dataset_name(split)
         return base if self.file_format == "jsonl" else base.with_suffix(".json")
 
-    def part(self, split: str, task: int) -> Path:
-        folder = self.data_path(split) if self.file_format == "jsonl" else self.state / "parts" / split
-        return folder / f"part-{task:05d}.jsonl"
+    def part(self, task: int) -> Path:
+        """A task's staged records, in input order, before finalising routes them into splits."""
+        return self.state / "parts" / f"part-{task:05d}.jsonl"
 
     def rejects_part(self, task: int) -> Path:
         return self.state / "rejects" / f"part-{task:05d}.jsonl"
@@ -102,20 +104,19 @@ class Layout:
 
 
 class Splitter:
-    """Seeded assignment of input positions to train/val/test. Memory is O(val + test), never O(rows)."""
+    """Seeded assignment of written records (by index) to train/val/test. Memory is O(val + test), never O(rows)."""
 
-    def __init__(self, split: Split, total: int | None, seed: int):
+    def __init__(self, split: Split, total: int, seed: int):
         self.val: set[int] = set()
         self.test: set[int] = set()
         if not split.enabled:
             return
-        if total is None:
-            raise RecipeError(
-                "split needs the number of rows, which this source cannot tell (streaming): set max_samples"
-            )
         k_val, k_test = _size(split.val, total), _size(split.test, total)
         if k_val + k_test > total:
-            raise RecipeError(f"split asks for {k_val} val + {k_test} test rows but the input has only {total}")
+            raise BuildError(
+                f"split asks for {k_val} val + {k_test} test records but only {total} records were written; "
+                "lower split.val/split.test or fix the rejected rows (see rejects.jsonl)"
+            )
         if split.pick == "last":
             self.val = set(range(total - k_val, total))
             self.test = set(range(total - k_val - k_test, total - k_val))
@@ -142,24 +143,23 @@ class TaskContext:
     layout: Layout
     fields: dict[str, str | None]
     image_root: Path
-    splitter: Splitter
 
 
 @dataclass
 class TaskStats:
     task: int
     read: int = 0
-    written: Counter = field(default_factory=Counter)
+    written: int = 0
     rejected: Counter = field(default_factory=Counter)
     by_source: Counter = field(default_factory=Counter)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "read": self.read, "written": dict(sorted(self.written.items())),
+        return {"task": self.task, "read": self.read, "written": self.written,
                 "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items()))}
 
     @classmethod
     def from_json(cls, data: dict) -> TaskStats:
-        return cls(data["task"], data["read"], Counter(data["written"]), Counter(data["rejected"]),
+        return cls(data["task"], data["read"], data["written"], Counter(data["rejected"]),
                    Counter(data.get("by_source", {})))
 
 
@@ -174,26 +174,23 @@ class _PreparedImage:
 
 def run_task(ctx: TaskContext, task: int, rows: list[tuple[int, dict]]) -> TaskStats:
     """Process one task's rows and write its files; the completion marker is written last."""
-    layout, recipe = ctx.layout, ctx.recipe
+    layout = ctx.layout
     stats = TaskStats(task)
-    lines: dict[str, list[str]] = {}
+    lines: list[str] = []
     rejects: list[str] = []
     for position, row in rows:
         stats.read += 1
         source_name = row.pop("__source__", None) if isinstance(row, dict) else None
         try:
-            split = ctx.splitter(position)
-            line = _process_row(ctx, task, position, row)
+            lines.append(_process_row(ctx, task, position, row))
         except SampleError as e:
             stats.rejected[e.kind] += 1
             rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
             continue
-        lines.setdefault(split, []).append(line)
-        stats.written[split] += 1
+        stats.written += 1
         if source_name:
             stats.by_source[source_name] += 1
-    for split, split_lines in lines.items():
-        _write_lines(layout.part(split, task), split_lines)
+    _write_lines(layout.part(task), lines)
     _write_lines(layout.rejects_part(task), rejects)
     marker = layout.marker(task)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +212,7 @@ def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> str:
         )
     except ValidationError as e:
         raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
-    for img, path in zip(prepared, image_paths):
+    for img, path in zip(prepared, image_paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         if img.ref_path is not None and recipe.images.mode == "link":
             link_or_copy(img.ref_path, path, img.data)
@@ -390,7 +387,7 @@ def build_recipe(
     if recipe.max_samples is not None:
         total = recipe.max_samples if total is None else min(total, recipe.max_samples)
     ctx = TaskContext(recipe, layout, effective_fields(recipe, getattr(source, "default_fields", {})),
-                      source.image_root, Splitter(recipe.split, total, recipe.split_seed))
+                      source.image_root)
     num_proc = num_proc or recipe.num_proc or os.cpu_count() or 1
     size = recipe.output.shard_size
 
@@ -497,20 +494,18 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         raise BuildError(f"{layout.root}: tasks {missing[:10]} are not finished; build the missing shards first")
     stats = _collect_stats(layout, range(num_tasks))
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
-    written = Counter()
-    for s in stats:
-        written.update(s.written)
+    splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
+    written, media = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
+                                    recipe.output.shard_size)
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for split in SPLITS:
         if not written.get(split):
             continue
-        path = layout.data_path(split)
-        if layout.file_format == "json":
-            _write_json_array([layout.part(split, t) for t in range(num_tasks)], path)
-        rel = os.path.relpath(path, layout.dataset_info.parent).replace(os.sep, "/")
+        rel = os.path.relpath(layout.data_path(split), layout.dataset_info.parent).replace(os.sep, "/")
         name = layout.dataset_name(split)
-        entries[name] = dataset_info_entry(recipe.output.format, rel, has_images=True, has_videos=False)
+        entries[name] = dataset_info_entry(recipe.output.format, rel, has_images=media[split]["images"],
+                                           has_videos=media[split]["videos"])
         datasets[name] = {"split": split, "file_name": rel, "count": written[split]}
     manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets)
     if strict and manifest["counts"]["rejected"]:
@@ -531,17 +526,14 @@ def _collect_stats(layout: Layout, tasks: Iterable[int]) -> list[TaskStats]:
 
 def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, stats: list[TaskStats],
               datasets: dict) -> dict:
-    written, rejected, by_source = Counter(), Counter(), Counter()
-    read = 0
+    rejected, by_source = Counter(), Counter()
     for s in stats:
-        read += s.read
-        written.update(s.written)
         rejected.update(s.rejected)
         by_source.update(s.by_source)
     counts = {
-        "read": read, "written": sum(written.values()), "rejected": sum(rejected.values()),
-        "rejected_by_reason": dict(sorted(rejected.items())),
-        "by_split": {s: written[s] for s in SPLITS if written.get(s)},
+        "read": sum(s.read for s in stats), "written": sum(s.written for s in stats),
+        "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
+        "by_split": {d["split"]: d["count"] for d in datasets.values()},
     }
     if by_source:
         counts["by_source"] = dict(sorted(by_source.items()))
@@ -593,21 +585,74 @@ def _concat_parts(parts: list[Path], dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _write_json_array(parts: list[Path], dest: Path) -> None:
-    """Stream JSONL parts into one JSON array, one record per line, without holding the records."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    first = True
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write("[")
-        for part in parts:
-            if not part.exists():
-                continue
-            with open(part, encoding="utf-8") as f:
-                for line in f:
-                    out.write(("\n" if first else ",\n") + line.rstrip("\n"))
-                    first = False
-        out.write("\n]\n")
-    os.replace(tmp, dest)
+class _SplitWriter:
+    """Streams one split's records into fixed-size JSONL shards or one JSON array, swapped into place on close."""
+
+    def __init__(self, final: Path, file_format: str, shard_size: int):
+        self.final, self.file_format, self.shard_size = final, file_format, shard_size
+        self.staging = final.with_name(final.name + ".tmp")
+        self.count = 0
+        self.has_images = self.has_videos = False
+        self._file = None
+        if self.staging.is_dir():
+            shutil.rmtree(self.staging)
+        if file_format == "jsonl":
+            self.staging.mkdir(parents=True)
+
+    def write(self, line: str) -> None:
+        if self.file_format == "jsonl":
+            if self.count % self.shard_size == 0:
+                self._close_file()
+                self._file = open(self.staging / f"part-{self.count // self.shard_size:05d}.jsonl", "w",
+                                  encoding="utf-8")
+            self._file.write(line)
+        else:
+            if self._file is None:
+                self._file = open(self.staging, "w", encoding="utf-8")
+            self._file.write(("[\n" if self.count == 0 else ",\n") + line.rstrip("\n"))
+        self.has_images = self.has_images or '"images":[' in line
+        self.has_videos = self.has_videos or '"videos":[' in line
+        self.count += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        if self.file_format == "json" and self._file is not None:
+            self._file.write("\n]\n")
+        self._close_file()
+        if not self.count:
+            if self.staging.is_dir():
+                self.staging.rmdir()
+            return
+        if self.final.is_dir():
+            shutil.rmtree(self.final)
+        elif self.final.exists():
+            self.final.unlink()
+        os.replace(self.staging, self.final)
+
+
+def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int):
+    """Stream staged records in input order into their splits; returns per-split counts and media presence."""
+    splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
+    writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size) for split in splits}
+    index = 0
+    for part in parts:
+        if not part.exists():
+            continue
+        with open(part, encoding="utf-8") as f:
+            for line in f:
+                writers[splitter(index)].write(line)
+                index += 1
+    for writer in writers.values():
+        writer.close()
+    counts = Counter({split: w.count for split, w in writers.items() if w.count})
+    media = {split: {"images": w.has_images, "videos": w.has_videos} for split, w in writers.items()}
+    return counts, media
 
 
 def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], strict: bool = False) -> BuildResult:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -133,8 +133,12 @@ class Recipe(_Strict):
     for_prediction: bool = Field(False, description="allow empty answers (sets built only for prediction)")
     num_proc: int | None = Field(None, gt=0, description="worker processes (default: all cores)")
 
-    # Where the recipe came from; relative source paths resolve against it. Not part of the YAML.
-    base_dir: str | None = Field(None, exclude=True)
+    # Where the recipe came from; relative source paths resolve against it. Not part of the YAML or its schema.
+    _base_dir: str | None = PrivateAttr(None)
+
+    @property
+    def base_dir(self) -> str | None:
+        return self._base_dir
 
     @property
     def dataset_name(self) -> str:
@@ -199,9 +203,10 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
 def validate_recipe(data: dict, origin: str = "<recipe>", base_dir: str | None = None) -> Recipe:
     """Validate a recipe mapping; errors name the file, the key path and the closest valid key."""
     try:
-        recipe = Recipe.model_validate({**data, "base_dir": base_dir or os.getcwd()})
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(_explain(e, origin)) from None
+    recipe._base_dir = base_dir or os.getcwd()
     from .sources import get_source_class
 
     source_cls = get_source_class(recipe.source.type)
@@ -234,7 +239,7 @@ def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
-    return sorted(k for k in model.model_fields if k != "base_dir")
+    return sorted(model.model_fields)
 
 
 def set_dotted(data: dict, dotted_key: str, value: Any) -> None:

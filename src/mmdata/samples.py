@@ -73,7 +73,7 @@ def conversation_problems(
     problems: list[str] = []
     if not turns:
         return ["no messages: a sample needs at least one user and one assistant turn"]
-    for i, (role, content) in enumerate(turns):
+    for i, (_, content) in enumerate(turns):
         if not isinstance(content, str):
             problems.append(f"message {i} content is {type(content).__name__}, expected a string")
     roles = [role for role, _ in turns]

@@ -58,11 +58,15 @@ class JsonSource(Source):
 
     def rows(self) -> Iterator[dict]:
         for record in self.raw_records():
+            if isinstance(record, dict) and "__error__" in record:
+                yield record
+                continue
             try:
                 yield to_canonical(record, self.params.shape)
             except ShapeError as e:
                 # Keep the row so the pipeline rejects it with the reason instead of losing it.
-                yield {"__error__": str(e), "id": record.get("id") if isinstance(record, dict) else None}
+                yield {"__error__": str(e), "__reason__": "bad record shape",
+                       "id": record.get("id") if isinstance(record, dict) else None}
 
     def num_rows(self) -> int:
         return sum(1 for _ in self.raw_records())
@@ -101,7 +105,7 @@ def _read_records(path: Path) -> Iterator[object]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
-                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({e.msg})"}
+                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({e.msg})", "__reason__": "invalid JSON"}
 
 
 def to_canonical(record: object, shape: str = "auto") -> dict:

@@ -69,8 +69,10 @@ def dataset_info_entry(fmt: str, file_name: str, has_images: bool, has_videos: b
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``<path>.lock`` for the read-modify-write of a shared registry file."""
-    lock_path = path.with_name(path.name + ".lock")
+    """Exclusive advisory lock on ``.<name>.lock`` beside ``path`` for the read-modify-write of a shared registry.
+
+    The lock file stays (removing it would let two writers lock different inodes); it is hidden and empty."""
+    lock_path = path.with_name(f".{path.name}.lock")
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

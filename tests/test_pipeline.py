@@ -1,0 +1,183 @@
+"""End-to-end builds: what lands on disk, what is rejected and why, and the counts that tie them together."""
+
+import json
+import os
+import shutil
+
+import pytest
+from tests.conftest import LLAMAFACTORY_INFO, read_jsonl_dir, write_recipe
+
+import mmdata
+from mmdata.cli import main
+from mmdata.errors import BuildError, DatasetInfoError
+
+TUTORIAL_RECIPE = """\
+name: latex_ocr_csv
+description: LaTeX OCR pairs from a CSV with columns image_path,text
+source:
+  type: csv
+  path: latex_ocr_train.csv
+fields:
+  image: image_path
+  answer: text
+prompt: "你是一个LaText OCR助手,目标是读取用户输入的照片,转换成LaTex公式。"
+split:
+  val: 1
+  seed: 42
+output:
+  dir: out/latex_ocr_csv
+  format: sharegpt
+"""
+
+
+@pytest.fixture
+def tutorial_recipe(csv_dataset):
+    path = csv_dataset / "recipe.yaml"
+    path.write_text(TUTORIAL_RECIPE, encoding="utf-8")
+    return path
+
+
+def test_tutorial_recipe_builds_as_written(tutorial_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", str(tutorial_recipe), "--quiet"]) == 0
+    out = tmp_path / "out" / "latex_ocr_csv"  # output.dir is relative to the current directory
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".dataset_info.json.lock", ".mmdata", "dataset_info.json", "images", "latex_ocr_csv_train", "latex_ocr_csv_val", "mmdata_build.json",
+        "rejects.jsonl"]
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert set(info) == {"latex_ocr_csv_train", "latex_ocr_csv_val"}
+    train = read_jsonl_dir(out / info["latex_ocr_csv_train"]["file_name"])
+    val = read_jsonl_dir(out / info["latex_ocr_csv_val"]["file_name"])
+    assert (len(train), len(val)) == (3, 1)
+    for record in train + val:
+        assert record["messages"][0]["content"].startswith("<image>你是一个LaText OCR助手")
+        assert (out / record["images"][0]).is_file()  # relative to dataset_info.json's folder
+    summary = capsys.readouterr().out
+    assert "read 6  written 4  rejected 2" in summary
+
+
+def test_set_output_dir_elsewhere(tutorial_recipe, tmp_path):
+    target = tmp_path / "elsewhere"
+    assert main(["build", str(tutorial_recipe), "--quiet", "--set", f"output.dir={target}"]) == 0
+    assert (target / "dataset_info.json").is_file() and (target / "images").is_dir()
+
+
+def test_bad_rows_go_to_rejects_with_reasons(tutorial_recipe, tmp_path):
+    result = mmdata.build(str(tutorial_recipe), output__dir=str(tmp_path / "o"), num_proc=1)
+    assert (result.read, result.written, result.rejected) == (6, 4, 2)
+    assert result.counts["rejected_by_reason"] == {"image file not found": 1, "image unreadable": 1}
+    rejects = [json.loads(line) for line in (result.output_dir / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["position"] for r in rejects) == [4, 5]
+    assert any("missing.jpg" in r["message"] for r in rejects)
+    assert any("corrupt.jpg" in r["message"] for r in rejects)
+
+
+def test_strict_fails_and_registers_nothing(tutorial_recipe, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(BuildError, match="--strict: 2 record"):
+        mmdata.build(str(tutorial_recipe), output__dir=str(out), strict=True, num_proc=1)
+    assert not (out / "dataset_info.json").exists()
+    assert main(["build", str(tutorial_recipe), "--quiet", "--strict", "--set", f"output.dir={out}"]) == 4
+
+
+def test_merge_into_llamafactory_dataset_info_keeps_every_entry(tutorial_recipe, tmp_path):
+    if not LLAMAFACTORY_INFO.is_file():
+        pytest.skip("shared LLaMA-Factory fixture not present")
+    lf_data = tmp_path / "LLaMA-Factory" / "data"
+    lf_data.mkdir(parents=True)
+    shutil.copy(LLAMAFACTORY_INFO, lf_data / "dataset_info.json")
+    before = json.loads((lf_data / "dataset_info.json").read_text())
+    result = mmdata.build(str(tutorial_recipe), output__dir=str(lf_data / "latex"),
+                          output__dataset_info=str(lf_data / "dataset_info.json"), num_proc=1)
+    after = json.loads((lf_data / "dataset_info.json").read_text())
+    assert len(before) >= 100
+    assert {k: after[k] for k in before} == before and list(after)[: len(before)] == list(before)
+    assert after["latex_ocr_csv_train"]["file_name"] == "latex/latex_ocr_csv_train"
+    record = read_jsonl_dir(lf_data / "latex" / "latex_ocr_csv_train")[0]
+    assert record["images"][0].startswith("latex/images/")
+    assert (lf_data / record["images"][0]).is_file()  # relative to LLaMA-Factory's media_dir (= dataset_dir)
+    assert result.dataset_info == lf_data / "dataset_info.json"
+
+
+def test_refuses_to_replace_a_different_entry_without_overwrite(tutorial_recipe, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "dataset_info.json").write_text(json.dumps({"latex_ocr_csv_train": {"file_name": "mine.json"}}))
+    with pytest.raises(DatasetInfoError, match="--overwrite"):
+        mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1)
+    result = mmdata.build(str(tutorial_recipe), output__dir=str(out), output__overwrite=True, num_proc=1)
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["latex_ocr_csv_train"]["file_name"] == "latex_ocr_csv_train" and result.written == 4
+
+
+def test_json_array_and_alpaca_output(tutorial_recipe, tmp_path):
+    result = mmdata.build(str(tutorial_recipe), output__dir=str(tmp_path / "o"), output__file_format="json",
+                          output__format="alpaca", system="You read formulas.", num_proc=1)
+    info = json.loads((result.output_dir / "dataset_info.json").read_text())
+    entry = info["latex_ocr_csv_train"]
+    assert entry["file_name"] == "latex_ocr_csv_train.json" and entry["formatting"] == "alpaca"
+    assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                                "history": "history", "images": "images"}
+    records = json.loads((result.output_dir / "latex_ocr_csv_train.json").read_text())
+    assert len(records) == 3 and records[0]["system"] == "You read formulas."
+    assert records[0]["instruction"].startswith("<image>")
+
+
+def test_split_fraction_and_test_split(tmp_path):
+    formulas = [f"x_{{{i}}}" for i in range(20)]
+    recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": formulas},
+              "fields": {"image": "image", "answer": "text"}, "prompt": "p",
+              "split": {"val": 0.25, "test": 2, "seed": 7}, "output": {"dir": str(tmp_path / "o")}}
+    result = mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+    assert result.counts["by_split"] == {"train": 13, "val": 5, "test": 2}
+    assert set(result.datasets) == {"s_train", "s_val", "s_test"}
+    answers = [r["messages"][1]["content"] for name in result.datasets for r in read_jsonl_dir(result.datasets[name])]
+    assert sorted(answers) == sorted(formulas)  # every row in exactly one split
+
+
+def test_split_last_takes_the_tail(tmp_path):
+    formulas = [f"y_{{{i}}}" for i in range(10)]
+    recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": formulas},
+              "prompt": "p", "split": {"val": 3, "pick": "last"}, "output": {"dir": str(tmp_path / "o")}}
+    result = mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+    val = [r["messages"][1]["content"] for r in read_jsonl_dir(result.datasets["s_val"])]
+    assert val == formulas[-3:]
+
+
+def test_filters_reject_with_reason(tmp_path):
+    recipe = {"name": "f", "source": {"type": "synthetic_latex", "formulas": ["a", "a + b + c + d"]},
+              "prompt": "p", "filters": {"min_answer_chars": 3}, "output": {"dir": str(tmp_path / "o")}}
+    result = mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+    assert result.counts["rejected_by_reason"] == {"filtered: answer shorter than min_answer_chars": 1}
+    assert result.written == 1
+
+
+def test_convert_mode_resizes_to_max_pixels(tmp_path):
+    recipe = {"name": "c", "source": {"type": "synthetic_latex", "formulas": ["\\sum_{i=1}^{n} i^{2}"]},
+              "prompt": "p", "images": {"mode": "convert", "max_pixels": 2000, "format": "jpeg"},
+              "output": {"dir": str(tmp_path / "o")}}
+    result = mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+    from PIL import Image
+
+    record = read_jsonl_dir(result.datasets["c"])[0]
+    assert record["images"][0].endswith(".jpg")
+    with Image.open(result.output_dir / record["images"][0]) as img:
+        assert img.width * img.height <= 2000 and img.mode == "RGB"
+
+
+def test_link_mode_hard_links_source_files(tutorial_recipe, tmp_path):
+    result = mmdata.build(str(tutorial_recipe), output__dir=str(tmp_path / "o"), images__mode="link", num_proc=1)
+    record = read_jsonl_dir(result.datasets["latex_ocr_csv_train"])[0]
+    written = result.output_dir / record["images"][0]
+    assert os.stat(written).st_nlink == 2
+
+
+def test_rerun_is_up_to_date_and_a_changed_recipe_rebuilds(tutorial_recipe, tmp_path):
+    out = tmp_path / "o"
+    first = mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1)
+    again = mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1)
+    assert again.up_to_date and not first.up_to_date and again.counts == first.counts
+    changed = mmdata.build(str(tutorial_recipe), output__dir=str(out), prompt="new prompt", num_proc=1)
+    assert not changed.up_to_date
+    record = read_jsonl_dir(changed.datasets["latex_ocr_csv_train"])[0]
+    assert record["messages"][0]["content"] == "<image>new prompt"
