@@ -1,0 +1,40 @@
+"""The CLI is a thin face of the API: each command on real files, and errors as one line with an exit code."""
+
+import json
+
+from mmdata.cli import main
+
+
+def test_list_and_show(capsys):
+    assert main(["list"]) == 0
+    assert "latex_ocr_sample" in capsys.readouterr().out
+    assert main(["show", "latex_ocr_sample"]) == 0
+    assert "type: synthetic_latex" in capsys.readouterr().out
+
+
+def test_schema_commands_print_json(capsys):
+    assert main(["schema", "sample"]) == 0
+    assert "messages" in json.loads(capsys.readouterr().out)["properties"]
+    assert main(["schema", "recipe"]) == 0
+    assert "output" in json.loads(capsys.readouterr().out)["properties"]
+
+
+def test_build_sample_with_overrides(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["build", "latex_ocr_sample", "--quiet", "--num-proc", "1", "--set", f"output.dir={out}",
+                 "--set", "max_samples=10", "--set", "split.val=2"]) == 0
+    text = capsys.readouterr().out
+    assert "read 10  written 10  rejected 0" in text
+    manifest = json.loads((out / "mmdata_build.json").read_text())
+    assert manifest["counts"]["by_split"] == {"train": 8, "val": 2}
+    assert main(["build", "latex_ocr_sample", "--quiet", "--set", f"output.dir={out}", "--set", "max_samples=10",
+                 "--set", "split.val=2"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code(tmp_path, capsys):
+    assert main(["build", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmdata: error:") and "nope.yaml" in err
+    assert main(["build", "latex_ocr_sample", "--set", "nonsense"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
