@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SampleError
-from .recipes import Recipe
+from .recipes import Fields, Recipe
 from .samples import IMAGE_PLACEHOLDER
 
 
@@ -46,15 +46,15 @@ class Draft:
 
 
 def effective_fields(recipe: Recipe, source_defaults: dict[str, str]) -> dict[str, str | None]:
-    explicit = recipe.fields.model_dump()
-    if any(v for v in explicit.values()):
-        # An explicit mapping wins whole; defaults only fill roles the recipe did not mention and that do not clash.
-        merged = dict(explicit)
-        for role, column in source_defaults.items():
-            if merged.get(role) is None and not (role == "messages" and explicit.get("answer")):
-                merged[role] = column
-        return merged
-    return {**explicit, **source_defaults}
+    """The source's default column roles, overridden by what the recipe maps explicitly.
+
+    An explicit ``answer`` means the recipe builds question/answer pairs, so a default ``messages`` role is dropped.
+    """
+    explicit = {role: column for role, column in recipe.fields.model_dump().items() if column}
+    merged = {**source_defaults, **explicit}
+    if "answer" in explicit and "messages" not in explicit:
+        merged.pop("messages", None)
+    return {role: merged.get(role) for role in Fields.model_fields}
 
 
 def choose_prompt(recipe: Recipe, position: int) -> str | None:
