@@ -39,7 +39,12 @@ def build(
         recipe = load_recipe(recipe, {k.replace("__", "."): v for k, v in overrides.items()})
     elif overrides:
         raise RecipeError("overrides apply to recipe names or paths; edit the Recipe object directly instead")
-    return build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet)
+    result = build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet)
+    if recipe.report and shard == (0, 1):
+        from .report import write_report
+
+        result.report = write_report(result.output_dir)
+    return result
 
 
 def validate(dataset_info: str, datasets: list[str] | None = None, **options: Any):

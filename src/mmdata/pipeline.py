@@ -347,6 +347,7 @@ class BuildResult:
     up_to_date: bool = False
     manifest: Path | None = None
     shard: tuple[int, int] = (0, 1)
+    report: Path | None = None
 
     @property
     def read(self) -> int:
@@ -444,7 +445,7 @@ def _progress(total: int | None, quiet: bool, name: str):
 
 def records_fingerprint(recipe: Recipe, layout: Layout, source: Source) -> str:
     """Everything that decides the bytes of records and images; registry-only options are left out on purpose."""
-    relevant = recipe.model_dump(mode="json", exclude={"description": True, "num_proc": True,
+    relevant = recipe.model_dump(mode="json", exclude={"description": True, "num_proc": True, "report": True,
                                                          "output": {"overwrite", "dataset_info", "dir"}})
     payload = json.dumps({"recipe": relevant, "media_prefix": layout.media_prefix, "source": source.fingerprint(),
                           "mmdata": __version__}, sort_keys=True)

@@ -115,9 +115,20 @@ class Output(_Strict):
     overwrite: bool = Field(False, description="replace existing dataset_info entries of the same name")
 
 
+class Info(_Strict):
+    """Registry facts about the upstream dataset, shown by ``mmdata list``; the build never reads them."""
+
+    hub_id: str | None = Field(None, description="Hugging Face dataset id")
+    modelscope_id: str | None = Field(None, description="ModelScope dataset id (mirror)")
+    license: str | None = None
+    size: str | None = Field(None, description="rows / download size, as the dataset card states it")
+    homepage: str | None = None
+
+
 class Recipe(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
+    info: Info = Info()
     source: SourceSpec
     fields: Fields = Fields()
     prompt: str | list[str] | None = Field(
@@ -132,6 +143,7 @@ class Recipe(_Strict):
     output: Output
     for_prediction: bool = Field(False, description="allow empty answers (sets built only for prediction)")
     num_proc: int | None = Field(None, gt=0, description="worker processes (default: all cores)")
+    report: bool = Field(False, description="write report/index.html (stats, plots, gallery) after the build")
 
     # Where the recipe came from; relative source paths resolve against it. Not part of the YAML or its schema.
     _base_dir: str | None = PrivateAttr(None)
@@ -156,13 +168,19 @@ def builtin_recipe_dir() -> Path:
     return Path(str(resources.files("mmdata") / "recipes"))
 
 
-def list_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every built-in recipe, sorted by name."""
+def recipe_catalog() -> list[dict[str, Any]]:
+    """Every built-in recipe as ``{name, description, info}`` (info: hub ids, licence, size), sorted by name."""
     found = []
     for path in sorted(builtin_recipe_dir().glob("*.yaml")):
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        found.append((path.stem, str(data.get("description", "")).strip()))
+        info = Info.model_validate(data.get("info") or {}).model_dump(exclude_none=True)
+        found.append({"name": path.stem, "description": str(data.get("description", "")).strip(), "info": info})
     return found
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every built-in recipe, sorted by name."""
+    return [(entry["name"], entry["description"]) for entry in recipe_catalog()]
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
