@@ -29,12 +29,14 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .recipes import list_recipes
+    from .recipes import recipe_catalog
 
-    recipes = list_recipes()
-    width = max((len(n) for n, _ in recipes), default=0)
-    for name, description in recipes:
-        print(f"{name:<{width}}  {description}")
+    rows = [(e["name"], e["info"].get("hub_id") or e["info"].get("modelscope_id") or "-",
+             e["info"].get("license") or "-", e["info"].get("size") or "-", e["description"])
+            for e in recipe_catalog()]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -107,7 +108,8 @@ class Output(_Strict):
     file_format: Literal["jsonl", "json"] = Field(
         "jsonl", description="jsonl: a folder of shards per split; json: one JSON array file per split"
     )
-    name: str | None = Field(None, description="dataset name prefix (default: the recipe name)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="dataset name prefix (default: the recipe name); it names output files")
     dataset_info: str | None = Field(
         None, description="dataset_info.json to create or merge into (default: <dir>/dataset_info.json)"
     )
@@ -135,6 +137,17 @@ class Recipe(_Strict):
         None, description="user text template ({column} placeholders); a list picks one per record, seeded"
     )
     system: str | None = Field(None, description="system prompt for every record")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_a_template(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for template in [value] if isinstance(value, str) else value or []:
+            try:
+                list(string.Formatter().parse(template))
+            except ValueError as e:
+                raise ValueError(f"{template[:60]!r} is not a valid template ({e}); write a literal brace as {{{{ or }}}}"
+                                 ) from None
+        return value
     max_samples: int | None = Field(None, gt=0, description="read at most this many source rows")
     seed: int = 42
     filters: Filters = Filters()
@@ -202,10 +215,7 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
 def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, override and validate a recipe. ``overrides`` use dotted keys: ``{"output.dir": "x", "max_samples": 10}``."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data = read_recipe_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, source:, output: ...)")
     for key, value in (overrides or {}).items():
@@ -216,6 +226,71 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     if path.parent.resolve() == builtin_recipe_dir().resolve():
         base_dir = (builtin_recipe_dir() / "data").resolve()
     return validate_recipe(data, origin=str(path), base_dir=str(base_dir))
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is a mistake or an attack
+MAX_RECIPE_NODES = 100_000  # YAML nodes once aliases are expanded ("billion laughs" expands 1 kB to 10^9 nodes)
+
+
+def read_recipe_yaml(path: Path) -> Any:
+    """The YAML document of a recipe file, loaded safely and within limits; any problem is one :class:`RecipeError`.
+
+    Safe loading only: Python tags are refused, nothing in a recipe runs code. PyYAML shares aliased nodes, so a
+    "billion laughs" document loads quickly, but everything that walks the result (validation, the fingerprint's
+    JSON) pays the expanded size: documents over :data:`MAX_RECIPE_NODES` expanded nodes, recursive aliases and files
+    over :data:`MAX_RECIPE_BYTES` are refused before they are constructed.
+    """
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (limit 1 MiB)")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e.strerror}") from None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, path) > MAX_RECIPE_NODES:
+            raise RecipeError(f"{path}: the YAML expands to more than {MAX_RECIPE_NODES} nodes through aliases "
+                              "(an alias bomb?); write the values out instead of nesting anchors")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+        raise RecipeError(f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _expanded_nodes(root: yaml.Node, path: Path) -> int:
+    """Node count with every alias expanded, computed on the shared graph (memoised, iterative: no recursion)."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    size: dict[int, int] = {}
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            size[id(node)] = min(MAX_RECIPE_NODES + 1, 1 + sum(size[id(c)] for c in children(node)))
+            entered.discard(id(node))
+        elif id(node) not in size:
+            if id(node) in entered:
+                raise RecipeError(f"{path}: a YAML alias refers to a node that contains it (recursive alias)")
+            entered.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if id(c) not in size)
+    return size[id(root)]
 
 
 def validate_recipe(data: dict, origin: str = "<recipe>", base_dir: str | None = None) -> Recipe:

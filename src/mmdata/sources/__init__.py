@@ -14,18 +14,22 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RecipeError
 
 _REGISTRY: dict[str, type[Source]] = {}
-_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex")
+_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex", "image_join", "mixture")
 
 
 class SourceParams(BaseModel):
     """Base for a source's parameters: unknown keys are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid")
+
+    allowed_roots: list[str] = Field(
+        [], description="extra folders that image paths in records may point into (besides the source's own folder)"
+    )
 
 
 class Source:
@@ -45,10 +49,25 @@ class Source:
         """Row count when cheap to know (needed for seeded splits); ``None`` if unknown (e.g. streaming)."""
         return None
 
+    #: True when :meth:`read_rows` is cheap (no reading of earlier rows). The build then hands workers row ranges
+    #: instead of rows: the main process reads nothing, and ``--shard``/resume never touch skipped rows.
+    random_access: ClassVar[bool] = False
+
+    def read_rows(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Rows ``[start, stop)`` in :meth:`rows` order. Sources with cheap random access override this."""
+        import itertools
+
+        return itertools.islice(self.rows(), start, stop)
+
     @property
     def image_root(self) -> Path:
         """Folder that relative image paths in rows are resolved against."""
         return self.base_dir
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        """Folders a record's image path may resolve into: :attr:`image_root` plus ``source.allowed_roots``."""
+        return [self.image_root, *(self.resolve(r) for r in getattr(self.params, "allowed_roots", None) or [])]
 
     def fingerprint(self) -> str:
         """Changes whenever the input changes; used to decide whether a rebuild is needed."""
@@ -81,6 +100,7 @@ def register_source(name: str) -> Callable[[type[Source]], type[Source]]:
 
 
 def _load_builtins() -> None:
+    """Import every built-in adapter once (importing one directly, e.g. ``sources.hf``, registers only that one)."""
     import importlib
 
     for module in _BUILTIN_MODULES:
@@ -89,8 +109,7 @@ def _load_builtins() -> None:
 
 def get_source_class(name: str) -> type[Source]:
     """Look a source type up: built-ins first, then the ``mmdata.sources`` entry points."""
-    if not _REGISTRY:
-        _load_builtins()
+    _load_builtins()
     if name not in _REGISTRY:
         for ep in entry_points(group="mmdata.sources"):
             if ep.name == name:
@@ -109,6 +128,5 @@ def open_source(source_type: str, params: dict[str, Any], base_dir: str | os.Pat
 
 
 def source_types() -> list[str]:
-    if not _REGISTRY:
-        _load_builtins()
+    _load_builtins()
     return sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group="mmdata.sources")})
