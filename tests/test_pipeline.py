@@ -116,8 +116,9 @@ def test_json_array_and_alpaca_output(tutorial_recipe, tmp_path):
     info = json.loads((result.output_dir / "dataset_info.json").read_text())
     entry = info["latex_ocr_csv_train"]
     assert entry["file_name"] == "latex_ocr_csv_train.json" and entry["formatting"] == "alpaca"
+    # no record has history, so none is declared (LLaMA-Factory raises KeyError on a declared column nobody has)
     assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                                "history": "history", "images": "images"}
+                                "images": "images"}
     records = json.loads((result.output_dir / "latex_ocr_csv_train.json").read_text())
     assert len(records) == 3 and records[0]["system"] == "You read formulas."
     assert records[0]["instruction"].startswith("<image>")
@@ -181,3 +182,60 @@ def test_rerun_is_up_to_date_and_a_changed_recipe_rebuilds(tutorial_recipe, tmp_
     assert not changed.up_to_date
     record = read_jsonl_dir(changed.datasets["latex_ocr_csv_train"])[0]
     assert record["messages"][0]["content"] == "<image>new prompt"
+
+
+def _mixed_source(folder, rows=40):
+    """JSONL in alpaca shape: every 5th record has an image, every 3rd a history turn; the rest are text-only."""
+    from tests.conftest import jpeg_bytes
+
+    (folder / "img.jpg").write_bytes(jpeg_bytes())
+    records = []
+    for i in range(rows):
+        record = {"instruction": f"{'<image>' if i % 5 == 3 else ''}question {i}", "input": "", "output": f"a{i}"}
+        if i % 5 == 3:
+            record["images"] = ["img.jpg"]
+        if i % 3 == 2:
+            record["history"] = [[f"earlier {i}", f"reply {i}"]]
+        records.append(record)
+    (folder / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return write_recipe(folder / "mixed.yaml", {"name": "mixed", "source": {"type": "jsonl", "path": "mixed.jsonl"},
+                                                "output": {"dir": str(folder / "out"), "shard_size": 2}})
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
+def test_mixed_image_and_text_records_load_in_any_shard_order(tmp_path, fmt):
+    """datasets' JSON loader (LLaMA-Factory's) types columns from whichever shard it reads first (os.listdir order):
+    every shard must have the same keys and start with a record whose lists are not empty."""
+    from datasets import load_dataset
+
+    result = mmdata.build(str(_mixed_source(tmp_path)), output__format=fmt, num_proc=1)
+    (name, folder), = result.datasets.items()
+    entry = json.loads(result.dataset_info.read_text())[name]
+    keys = {"images", "history"} if fmt == "alpaca" else {"images"}
+    assert set(entry["columns"]) >= keys
+    shards = sorted(folder.glob("*.jsonl"))
+    records = read_jsonl_dir(folder)
+    assert len(records) == 40 and len(shards) > 1
+    assert all(keys <= set(r) for r in records)
+    for i, shard in enumerate(shards):
+        lines = [json.loads(line) for line in shard.read_text().splitlines()]
+        typed = lines if i == 0 else lines[:1]  # shard 0 starts at record 0; it holds a typed record in its first chunk
+        assert any(all(r[k] for k in keys) for r in typed), shard.name
+    for order in (shards, shards[::-1]):
+        loaded = load_dataset("json", data_files=[str(p) for p in order], split="train",
+                              cache_dir=str(tmp_path / "hf-cache"))
+        assert len(loaded) == 40 and loaded.features["images"].feature.dtype == "string"
+    report = mmdata.validate(result.dataset_info)
+    assert report.ok, report.format_text()
+
+
+def test_text_only_alpaca_declares_no_media_or_history(tmp_path):
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n"
+                                              for i in range(5)))
+    recipe = write_recipe(tmp_path / "t.yaml", {"name": "t", "source": {"type": "jsonl", "path": "t.jsonl"},
+                                                "output": {"dir": str(tmp_path / "out"), "format": "alpaca"}})
+    result = mmdata.build(str(recipe), num_proc=1)
+    (name, folder), = result.datasets.items()
+    entry = json.loads(result.dataset_info.read_text())[name]
+    assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output"}
+    assert all(set(r) == {"instruction", "input", "output"} for r in read_jsonl_dir(folder))

@@ -63,7 +63,9 @@ def test_json_shapes(tmp_path):
     result = build(tmp_path, {"type": "json", "path": "d.json"})
     assert result.counts == {**result.counts, "read": 5, "written": 5, "rejected": 0}
     out = read_jsonl_dir(result.datasets["t"])
-    assert out[1] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    # text-only among image records: an empty images list keeps the column uniform for LLaMA-Factory's loader
+    assert out[1] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                      "images": []}
     assert out[2]["messages"][0]["content"] == "<image>" and len(out[2]["images"]) == 1
     assert [m["role"] for m in out[3]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     assert out[3]["messages"][3]["content"] == "translate\nchat"

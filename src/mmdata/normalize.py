@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,9 @@ class ImageRef:
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
+        if not stat.S_ISREG(os.stat(self.path).st_mode) and not self.path.is_dir():  # a FIFO would block forever
+            raise SampleError(f"image path is not a regular file (pipe, socket or device): {self.path}",
+                              kind="image unreadable")
         return self.path.read_bytes()
 
 
@@ -96,36 +101,64 @@ def _text(row: dict, column: str | None, role: str) -> str:
     return str(value)
 
 
-def image_refs(value: Any, image_root: Path) -> list[ImageRef]:
-    """Accept encoded bytes, HF ``{bytes, path}`` dicts, path strings (relative to ``image_root``) or lists of them."""
+def image_refs(value: Any, image_root: Path, allowed_roots: Sequence[Path] | None = None) -> list[ImageRef]:
+    """Accept encoded bytes, HF ``{bytes, path}`` dicts, path strings (relative to ``image_root``) or lists of them.
+
+    A path is taken literally (no ``~`` expansion) and must stay inside ``allowed_roots`` (default: ``image_root``)
+    once ``..`` and symlinks are resolved; see :func:`contained_path`.
+    """
     if _is_missing(value) or value == "":
         return []
     if isinstance(value, (list, tuple)):
-        return [ref for item in value for ref in image_refs(item, image_root)]
+        return [ref for item in value for ref in image_refs(item, image_root, allowed_roots)]
     if isinstance(value, (bytes, bytearray, memoryview)):
         return [ImageRef(data=bytes(value))]
     if isinstance(value, dict):
+        if value.get("bytes") is not None and not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
+            raise SampleError(f"image bytes is a {type(value['bytes']).__name__}, expected raw bytes",
+                              kind="image value has a wrong type")
         if value.get("bytes"):
             return [ImageRef(data=bytes(value["bytes"]))]
         if value.get("path"):
-            return image_refs(value["path"], image_root)
+            return image_refs(value["path"], image_root, allowed_roots)
         raise SampleError("image entry has neither bytes nor path")
     if isinstance(value, (str, os.PathLike)):
         text = str(value)
         if "\0" in text:
             raise SampleError("image path contains a NUL byte")
-        path = Path(os.path.expanduser(text))
-        return [ImageRef(path=path if path.is_absolute() else image_root / path)]
+        return [ImageRef(path=contained_path(image_root / text, allowed_roots or [image_root]))]
     if hasattr(value, "save"):  # a decoded PIL image from a source that decodes: re-encode losslessly
         import io
 
         buf = io.BytesIO()
         value.save(buf, format="PNG")
         return [ImageRef(data=buf.getvalue())]
-    raise SampleError(f"image value is a {type(value).__name__}; expected bytes, a path or {{bytes, path}}")
+    raise SampleError(f"image value is a {type(value).__name__}; expected bytes, a path or {{bytes, path}}",
+                      kind="image value has a wrong type")
 
 
-def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, str | None], image_root: Path) -> Draft:
+def contained_path(path: Path, roots: Sequence[Path]) -> Path:
+    """``path`` with ``..`` and symlinks resolved, if that lies inside one of ``roots``; otherwise a reject.
+
+    This is the whole read policy for record paths: data from the internet may name ``../../home/me/photo.jpg``, an
+    absolute path or a symlink out of the folder, and none of those is read unless the recipe lists the folder in
+    ``source.allowed_roots``. The resolved path is what gets read, so a symlink cannot be swapped in after the check.
+    """
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return Path(real)
+    shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+    raise SampleError(
+        f"image path {shown!r} resolves outside the allowed folders ({', '.join(str(r) for r in roots)}); "
+        "add its folder to source.allowed_roots if reading it is intended",
+        kind="image path outside allowed roots",
+    )
+
+
+def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, str | None], image_root: Path,
+                  allowed_roots: Sequence[Path] | None = None) -> Draft:
     if "__error__" in row:
         raise SampleError(row["__error__"], kind=row.get("__reason__"))
     record_id = row.get(fields["id"]) if fields.get("id") else None
@@ -133,11 +166,15 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
     for role in ("image", "images"):
         column = fields.get(role)
         if column and column in row:
-            images += image_refs(row[column], image_root)
+            images += image_refs(row[column], image_root, allowed_roots)
     prompt = choose_prompt(recipe, position)
     messages_column = fields.get("messages")
     if messages_column and messages_column in row:
-        messages = [dict(m) for m in row[messages_column]]
+        turns = row[messages_column]
+        if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+            raise SampleError(f"column {messages_column!r} (messages) holds a {type(turns).__name__}, expected a list "
+                              "of {role, content} objects", kind="messages column is not a conversation")
+        messages = [dict(m) for m in turns]
         if prompt is not None:
             _insert_prompt(messages, render(prompt, row))
     else:
@@ -145,14 +182,18 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
         answer = _text(row, fields.get("answer"), "answer")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages if isinstance(m.get("content"), str)):
-        first_user = next(m for m in messages if m["role"] == "user")
+        first_user = next((m for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)), None)
+        if first_user is None:
+            raise SampleError("the record has images but no user turn to put their <image> placeholders in",
+                              kind="invalid sample")
         first_user["content"] = IMAGE_PLACEHOLDER * len(images) + first_user["content"]
     system = recipe.system
     if fields.get("system") and not _is_missing(row.get(fields["system"])) and row.get(fields["system"]):
         system = str(row[fields["system"]])
-    if system and not (messages and messages[0]["role"] == "system"):
+    if system and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
-    videos = [str(v) for v in row.get("videos") or []] if messages_column and "videos" in row else []
+    videos = row.get("videos") if messages_column and "videos" in row else None
+    videos = [str(v) for v in (videos if isinstance(videos, list) else [videos] if videos else [])]
     return Draft(messages=messages, images=images, videos=videos,
                  id=None if _is_missing(record_id) else str(record_id))
 

@@ -1,11 +1,14 @@
 """The build engine: source rows -> tasks -> (normalise, check, write) in workers -> finalise.
 
-Rows are read once, in order, and cut into tasks of ``output.shard_size`` rows. Task ``k`` owns rows
-``[k*size, (k+1)*size)`` and writes only its own files (a staged ``part-0000k.jsonl`` of its records, its images, its
-rejects), then a completion marker. Everything a task writes depends only on its rows and the recipe, so:
+Rows are cut into tasks of ``output.shard_size`` rows. Task ``k`` owns rows ``[k*size, (k+1)*size)``: a source with
+cheap random access (``Source.random_access``) hands the worker that range to read itself; other sources are read
+once, in order, by the main process, which sends each task its rows. A task writes only its own files (a staged
+``part-0000k.jsonl`` of its records, its images, its rejects), then a completion marker. Everything a task writes
+depends only on its rows and the recipe, so:
 
 - any number of workers gives the same bytes (``num_proc``);
-- a killed build resumes by skipping tasks that have a marker (files are renamed into place before the marker);
+- a killed build resumes by skipping tasks that have a marker (a task's files are complete before its marker; an
+  unfinished task is redone and replaces whatever it had written);
 - ``--shard I/N`` builds the tasks with ``k % N == I``; ``mmdata merge`` unions the parts and finalises;
 - memory stays flat: at most a few tasks are in flight, nothing holds the whole dataset.
 
@@ -18,16 +21,19 @@ fingerprint equal and returns at once ("up to date") without writing anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
 import os
 import random
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +41,20 @@ from pydantic import ValidationError
 
 from . import __version__
 from .errors import BuildError, SampleError
-from .images import convert_image, inspect_image, link_or_copy, write_bytes_atomic
+from .images import convert_image, inspect_image, link_or_copy, write_new_image
 from .normalize import Draft, effective_fields, normalize_row
 from .recipes import Recipe, Split
 from .samples import Sample
 from .sources import Source, open_source
-from .writers.llamafactory import dataset_info_entry, merge_dataset_info, record_json, write_text_atomic
+from .writers.llamafactory import (
+    dataset_info_entry,
+    fill_optional_keys,
+    merge_dataset_info,
+    optional_keys,
+    record_json,
+    unregister_datasets,
+    write_text_atomic,
+)
 
 MANIFEST = "mmdata_build.json"
 STATE_DIR = ".mmdata"
@@ -70,7 +84,7 @@ class Layout:
     def state(self) -> Path:
         return self.root / STATE_DIR
 
-    @property
+    @cached_property  # read for every record
     def media_prefix(self) -> str:
         """Relative path from the dataset_info folder to the output folder ('' when they are the same)."""
         rel = os.path.relpath(self.root, self.dataset_info.parent)
@@ -95,7 +109,12 @@ class Layout:
         return self.state / "done" / f"task-{task:05d}.json"
 
     def image(self, task: int, position: int, k: int, extension: str) -> Path:
-        return self.root / "images" / f"{task:05d}" / f"{position:09d}_{k}.{extension}"
+        return self.root / self.image_rel(task, position, k, extension)
+
+    @staticmethod
+    def image_rel(task: int, position: int, k: int, extension: str) -> str:
+        """An image's path relative to the output folder, as records spell it (after ``media_prefix``)."""
+        return f"images/{task:05d}/{position:09d}_{k}.{extension}"
 
     def owned_paths(self) -> list[Path]:
         """Everything a build of this layout may create (what a rebuild removes; nothing else is touched)."""
@@ -143,6 +162,19 @@ class TaskContext:
     layout: Layout
     fields: dict[str, str | None]
     image_root: Path
+    source: Source | None = None  # read by workers when tasks are row ranges (``Source.random_access``)
+    allowed_roots: tuple[Path, ...] = ()  # where record image paths may point (default: image_root only)
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """A task's rows by position, read by the worker itself (sources with cheap random access): nothing is pickled."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
@@ -166,15 +198,18 @@ class TaskStats:
 @dataclass
 class _PreparedImage:
     ref_path: Path | None
-    data: bytes
+    data: bytes | None  # None: a file to link, never read whole (``images: link`` with ``verify: header``)
     extension: str
     width: int
     height: int
 
 
-def run_task(ctx: TaskContext, task: int, rows: list[tuple[int, dict]]) -> TaskStats:
-    """Process one task's rows and write its files; the completion marker is written last."""
+def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | RowRange) -> TaskStats:
+    """Process one task's rows (``(position, row)`` pairs, or a :class:`RowRange` of the source) and write its files;
+    the completion marker is written last."""
     layout = ctx.layout
+    if isinstance(rows, RowRange):
+        rows = zip(itertools.count(rows.start), ctx.source.read_rows(rows.start, rows.stop))
     stats = TaskStats(task)
     lines: list[str] = []
     rejects: list[str] = []
@@ -200,24 +235,24 @@ def run_task(ctx: TaskContext, task: int, rows: list[tuple[int, dict]]) -> TaskS
 
 def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> str:
     recipe, layout = ctx.recipe, ctx.layout
-    draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root)
+    draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
     prepared = [_prepare_image(ref, recipe) for ref in draft.images]
     _apply_filters(recipe, draft, prepared)
-    image_paths = [layout.image(task, position, k, img.extension) for k, img in enumerate(prepared)]
+    image_rels = [layout.image_rel(task, position, k, img.extension) for k, img in enumerate(prepared)]
     try:
         sample = Sample.model_validate(
             {"messages": draft.messages, "videos": draft.videos,
-             "images": [layout.media_prefix + p.relative_to(layout.root).as_posix() for p in image_paths]},
+             "images": [layout.media_prefix + rel for rel in image_rels]},
             context={"allow_empty_answer": recipe.for_prediction},
         )
     except ValidationError as e:
         raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
-    for img, path in zip(prepared, image_paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for img, path in zip(prepared, (layout.root / rel for rel in image_rels), strict=True):
         if img.ref_path is not None and recipe.images.mode == "link":
+            path.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(img.ref_path, path, img.data)
         else:
-            write_bytes_atomic(path, img.data)
+            write_new_image(path, img.data)
     return record_json(sample, recipe.output.format)
 
 
@@ -228,24 +263,27 @@ def _short(err: dict) -> str:
 
 
 def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
+    opts = recipe.images
     try:
-        data = ref.read()
+        # A file that will be linked is only opened for verification (PIL reads what the check needs).
+        data = ref.path if opts.mode == "link" and ref.data is None else ref.read()
+        if isinstance(data, Path) and not data.is_file():
+            raise IsADirectoryError if data.is_dir() else FileNotFoundError
     except FileNotFoundError:
         raise SampleError(f"image file not found: {ref.path}", kind="image file not found") from None
     except IsADirectoryError:
         raise SampleError(f"image path is a folder: {ref.path}", kind="image file not found") from None
     except OSError as e:
         raise SampleError(f"cannot read image {ref.path}: {e.strerror}", kind="image unreadable") from None
-    opts = recipe.images
-    if opts.mode == "convert":
-        inspect_image(data, "header")
-        data, info = convert_image(data, opts.max_pixels, opts.format, opts.quality)
-    else:
-        try:
+    try:
+        if opts.mode == "convert":
+            inspect_image(data, "header")
+            data, info = convert_image(data, opts.max_pixels, opts.format, opts.quality)
+        else:
             info = inspect_image(data, opts.verify)
-        except SampleError as e:
-            raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
-    return _PreparedImage(ref.path, data, info.extension, info.width, info.height)
+    except SampleError as e:
+        raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
+    return _PreparedImage(ref.path, data if isinstance(data, bytes) else None, info.extension, info.width, info.height)
 
 
 def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -> None:
@@ -302,18 +340,37 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 _WORKER_CTX: TaskContext | None = None
 
 
-def _init_worker(ctx: TaskContext) -> None:
+def _init_worker(ctx: TaskContext, parent: int | None = None) -> None:
     global _WORKER_CTX
     _WORKER_CTX = ctx
+    if parent is not None:
+        _die_with_parent(parent)
 
 
-def _run_in_worker(task: int, rows: list[tuple[int, dict]]) -> TaskStats:
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker gets SIGKILL when the build process dies (``kill -9``), so no orphan keeps writing files
+    while the build is resumed."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _run_in_worker(task: int, rows: list[tuple[int, dict]] | RowRange) -> TaskStats:
     assert _WORKER_CTX is not None
     return run_task(_WORKER_CTX, task, rows)
 
 
-def run_local(ctx: TaskContext, tasks: Iterable[tuple[int, list]], num_proc: int) -> Iterator[TaskStats]:
-    """Run tasks in this process (``num_proc == 1``) or a process pool with a bounded number in flight."""
+def run_local(ctx: TaskContext, tasks: Iterable[tuple[int, list | RowRange]], num_proc: int) -> Iterator[TaskStats]:
+    """Run tasks in this process (``num_proc == 1``) or a forked process pool with a bounded number in flight."""
     if num_proc <= 1:
         for task, rows in tasks:
             yield run_task(ctx, task, rows)
@@ -321,7 +378,7 @@ def run_local(ctx: TaskContext, tasks: Iterable[tuple[int, list]], num_proc: int
     import multiprocessing
 
     with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_worker, initargs=(ctx,)) as pool:
+                             initializer=_init_worker, initargs=(ctx, os.getpid())) as pool:
         pending = set()
         for task, rows in tasks:
             pending.add(pool.submit(_run_in_worker, task, rows))
@@ -370,7 +427,32 @@ def build_recipe(
     strict: bool = False,
     quiet: bool = True,
 ) -> BuildResult:
-    """Build ``recipe``; see the module docstring for the guarantees."""
+    """Build ``recipe``; see the module docstring for the guarantees.
+
+    An OS error (disk full, read-only or unwritable output, unreadable input) stops the build with one
+    :class:`BuildError` naming the file: every file is renamed into place complete, so nothing half-written is left
+    visible, and rerunning the same command once the cause is fixed resumes from the finished tasks.
+    """
+    try:
+        return _build_recipe(recipe, num_proc, shard, engine, strict, quiet)
+    except OSError as e:
+        raise BuildError(_os_error_message(e, recipe)) from e
+
+
+def _os_error_message(e: OSError, recipe: Recipe) -> str:
+    # A failed write() or close() carries no file name: it was a write under the output folder.
+    where = e.filename or f"writing into {Path(recipe.output.dir).expanduser().resolve()}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space, then rerun the same command: finished tasks are kept and the build resumes"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make the output folder writable or choose another output.dir, then rerun the same command"
+    else:
+        fix = "fix the cause, then rerun the same command: finished tasks are kept and the build resumes"
+    return f"{where}: {e.strerror or e}; nothing half-written was left in place. {fix[0].upper()}{fix[1:]}"
+
+
+def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], engine: str, strict: bool,
+                  quiet: bool) -> BuildResult:
     layout = Layout.for_recipe(recipe)
     source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or ".")
     fingerprint = records_fingerprint(recipe, layout, source)
@@ -388,7 +470,7 @@ def build_recipe(
     if recipe.max_samples is not None:
         total = recipe.max_samples if total is None else min(total, recipe.max_samples)
     ctx = TaskContext(recipe, layout, effective_fields(recipe, getattr(source, "default_fields", {})),
-                      source.image_root)
+                      source.image_root, source, tuple(source.allowed_roots))
     num_proc = num_proc or recipe.num_proc or os.cpu_count() or 1
     size = recipe.output.shard_size
 
@@ -396,12 +478,17 @@ def build_recipe(
         return task % shard_count == shard_index and not layout.marker(task).exists()
 
     progress = _progress(total, quiet, recipe.name)
-    task_ids: list[int] = []
+    num_tasks = 0
 
-    def tasks() -> Iterator[tuple[int, list]]:
-        rows = _limited(source.rows(), recipe.max_samples)
-        for task, chunk in enumerate(_chunks(rows, size)):
-            task_ids.append(task)
+    def tasks() -> Iterator[tuple[int, list | RowRange]]:
+        nonlocal num_tasks
+        if source.random_access and total is not None:
+            # Workers read their own rows: the main process reads nothing, skipped tasks cost nothing.
+            chunks: Iterator = (RowRange(a, min(a + size, total)) for a in range(0, total, size))
+        else:
+            chunks = _chunks(_limited(source.rows(), recipe.max_samples), size)
+        for task, chunk in enumerate(chunks):
+            num_tasks = task + 1
             if wanted(task):
                 yield task, chunk
             else:
@@ -411,7 +498,6 @@ def build_recipe(
     for stats in runner(ctx, tasks(), num_proc):
         progress.update(stats.read)
     progress.close()
-    num_tasks = len(task_ids)
     if shard_count > 1:
         return _write_shard_manifest(layout, recipe, fingerprint, shard, num_tasks)
     return finalize(layout, recipe, fingerprint, num_tasks, strict=strict)
@@ -462,9 +548,16 @@ def _claim_output(layout: Layout, recipe: Recipe, fingerprint: str) -> None:
             "to replace it"
         )
     if state and state.get("fingerprint") != fingerprint:
+        # Unregister the stale build first: its dataset_info entries must never point at files being rebuilt.
+        old_manifest = _read_json(layout.root / MANIFEST) or {}
+        if old_manifest.get("datasets") and old_manifest.get("dataset_info"):
+            unregister_datasets((layout.root / old_manifest["dataset_info"]).resolve(),
+                                {name: d.get("file_name") for name, d in old_manifest["datasets"].items()})
         old = Layout(layout.root, state["name"], state.get("file_format", layout.file_format),
                      state.get("split_enabled", layout.split_enabled), layout.dataset_info)
         for path in old.owned_paths():
+            if not path.resolve().is_relative_to(layout.root):  # a tampered state.json never deletes outside
+                continue
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -472,8 +565,13 @@ def _claim_output(layout: Layout, recipe: Recipe, fingerprint: str) -> None:
     elif not state:
         (layout.root / MANIFEST).unlink(missing_ok=True)
     layout.state.mkdir(parents=True, exist_ok=True)
-    for tmp in layout.root.rglob("*.tmp"):
-        tmp.unlink()
+    # Leftovers of a killed run: staged splits/manifest at the top, staged parts in the state folder. Image ``.tmp``
+    # files are not searched for (that would walk millions of images): the unfinished task rewrites the same names.
+    # A dataset_info.json's temporary file may belong to another build merging right now: those are removed under
+    # that file's lock (``merge_dataset_info``), never here.
+    for tmp in itertools.chain(layout.root.glob("*.tmp"), layout.state.rglob("*.tmp")):
+        if not tmp.name.startswith(".dataset_info"):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     write_text_atomic(state_file, json.dumps({
         "name": recipe.dataset_name, "fingerprint": fingerprint, "file_format": layout.file_format,
         "split_enabled": layout.split_enabled}))
@@ -496,8 +594,8 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
     stats = _collect_stats(layout, range(num_tasks))
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
     splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
-    written, media = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
-                                    recipe.output.shard_size)
+    written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
+                                   recipe.output.shard_size, recipe.output.format)
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for split in SPLITS:
@@ -505,8 +603,7 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
             continue
         rel = os.path.relpath(layout.data_path(split), layout.dataset_info.parent).replace(os.sep, "/")
         name = layout.dataset_name(split)
-        entries[name] = dataset_info_entry(recipe.output.format, rel, has_images=media[split]["images"],
-                                           has_videos=media[split]["videos"])
+        entries[name] = dataset_info_entry(recipe.output.format, rel, keys[split])
         datasets[name] = {"split": split, "file_name": rel, "count": written[split]}
     manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets)
     if strict and manifest["counts"]["rejected"]:
@@ -586,14 +683,28 @@ def _concat_parts(parts: list[Path], dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-class _SplitWriter:
-    """Streams one split's records into fixed-size JSONL shards or one JSON array, swapped into place on close."""
+# datasets' JSON loader reads a file in chunks of this many bytes (its ``chunksize``) and types each column from the
+# first chunk it reads.
+_JSON_CHUNK = 10 << 20
 
-    def __init__(self, final: Path, file_format: str, shard_size: int):
+
+class _SplitWriter:
+    """Streams one split's records into JSONL shards or one JSON array, swapped into place on close.
+
+    Every line carries all the optional keys of its split (``keys``): a record without images in a split that has
+    some gets ``"images": []``. Shards hold ``shard_size`` records, except in a split where some records lack a key
+    that others have: there a shard ends only before a record that has them all (and the first shard only once it
+    holds one), so every shard starts with a record whose lists are not empty and LLaMA-Factory types ``images`` as a list of strings whichever shard it
+    reads first (an all-empty first chunk types it as a list of nulls and the next shard fails to cast).
+    """
+
+    def __init__(self, final: Path, file_format: str, shard_size: int, record_format: str,
+                 keys: frozenset[str] = frozenset()):
         self.final, self.file_format, self.shard_size = final, file_format, shard_size
+        self.record_format, self.keys = record_format, keys
         self.staging = final.with_name(final.name + ".tmp")
-        self.count = 0
-        self.has_images = self.has_videos = False
+        self.count = self._in_shard = self._shards = 0
+        self._untyped_bytes: int | None = 0  # bytes of shard 0 before its first complete record (None: seen one)
         self._file = None
         if self.staging.is_dir():
             shutil.rmtree(self.staging)
@@ -601,18 +712,23 @@ class _SplitWriter:
             self.staging.mkdir(parents=True)
 
     def write(self, line: str) -> None:
+        complete = optional_keys(line, self.record_format) == self.keys
+        if not complete:
+            line = fill_optional_keys(line, self.keys, self.record_format)
         if self.file_format == "jsonl":
-            if self.count % self.shard_size == 0:
+            if self._file is None or (self._in_shard >= self.shard_size and complete and self._untyped_bytes is None):
                 self._close_file()
-                self._file = open(self.staging / f"part-{self.count // self.shard_size:05d}.jsonl", "w",
-                                  encoding="utf-8")
+                self._file = open(self.staging / f"part-{self._shards:05d}.jsonl", "w", encoding="utf-8")
+                self._shards += 1
+                self._in_shard = 0
             self._file.write(line)
+            self._in_shard += 1
         else:
             if self._file is None:
                 self._file = open(self.staging, "w", encoding="utf-8")
             self._file.write(("[\n" if self.count == 0 else ",\n") + line.rstrip("\n"))
-        self.has_images = self.has_images or '"images":[' in line
-        self.has_videos = self.has_videos or '"videos":[' in line
+        if self._untyped_bytes is not None:
+            self._untyped_bytes = None if complete else self._untyped_bytes + len(line.encode("utf-8"))
         self.count += 1
 
     def _close_file(self) -> None:
@@ -626,6 +742,11 @@ class _SplitWriter:
         if self.file_format == "json" and self._file is not None:
             self._file.write("\n]\n")
         self._close_file()
+        if self.file_format == "jsonl" and (self._untyped_bytes or 0) > _JSON_CHUNK // 2:
+            warnings.warn(f"{self.final}/part-00000.jsonl starts with {self._untyped_bytes} bytes of records without "
+                          f"{', '.join(sorted(self.keys))}: if LLaMA-Factory reads that shard first it may fail with "
+                          "DatasetGenerationCastError; interleave the sources or use output.file_format: json",
+                          stacklevel=2)
         if not self.count:
             if self.staging.is_dir():
                 self.staging.rmdir()
@@ -637,23 +758,30 @@ class _SplitWriter:
         os.replace(self.staging, self.final)
 
 
-def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int):
-    """Stream staged records in input order into their splits; returns per-split counts and media presence."""
-    splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
-    writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size) for split in splits}
-    index = 0
+def _staged_lines(parts: list[Path]) -> Iterator[str]:
     for part in parts:
-        if not part.exists():
-            continue
-        with open(part, encoding="utf-8") as f:
-            for line in f:
-                writers[splitter(index)].write(line)
-                index += 1
+        if part.exists():
+            with open(part, encoding="utf-8") as f:
+                yield from f
+
+
+def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int, record_format: str):
+    """Stream staged records in input order into their splits; returns per-split counts and optional keys.
+
+    A first pass finds the optional keys each split has (see :class:`_SplitWriter`); the second writes."""
+    splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
+    seen: dict[str, set[frozenset[str]]] = {split: set() for split in splits}
+    for index, line in enumerate(_staged_lines(parts)):
+        seen[splitter(index)].add(optional_keys(line, record_format))
+    keys = {split: frozenset().union(*kinds) for split, kinds in seen.items()}
+    writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size, record_format,
+                                   keys[split]) for split in splits}
+    for index, line in enumerate(_staged_lines(parts)):
+        writers[splitter(index)].write(line)
     for writer in writers.values():
         writer.close()
     counts = Counter({split: w.count for split, w in writers.items() if w.count})
-    media = {split: {"images": w.has_images, "videos": w.has_videos} for split, w in writers.items()}
-    return counts, media
+    return counts, keys
 
 
 def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], strict: bool = False) -> BuildResult:

@@ -6,10 +6,12 @@ saved by Excel. Relative image paths resolve against the CSV's folder unless ``i
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+from pydantic import field_validator
 
 from ..errors import SourceError
 from . import Source, SourceParams, files_fingerprint, register_source
@@ -22,6 +24,16 @@ class CsvParams(SourceParams):
     encoding: str = "auto"
     delimiter: str = ","
     image_root: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}: use auto, utf-8, gb18030, latin-1 ...") from None
+        return value
 
 
 @register_source("csv")
@@ -62,6 +74,13 @@ class CsvSource(Source):
 
     def rows(self) -> Iterator[dict]:
         for chunk in self._chunks():
+            if not isinstance(chunk.index, pd.RangeIndex):
+                # pandas reads a first data row longer than the header as "first column is the index" and shifts
+                # every column of every row by one: refuse rather than build shifted data.
+                raise SourceError(
+                    f"{self.path}: the first data row has more fields than the header ({', '.join(chunk.columns)}); "
+                    "quote the field that contains the delimiter, or set source.delimiter"
+                )
             yield from chunk.to_dict(orient="records")
 
     def num_rows(self) -> int:

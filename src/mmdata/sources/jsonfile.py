@@ -54,7 +54,10 @@ class JsonSource(Source):
 
     def raw_records(self) -> Iterator[object]:
         for file in self.files:
-            yield from _read_records(file)
+            try:
+                yield from _read_records(file)
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
 
     def rows(self) -> Iterator[dict]:
         for record in self.raw_records():
@@ -87,13 +90,15 @@ def _read_records(path: Path) -> Iterator[object]:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            except (ValueError, RecursionError) as e:  # nesting too deep, integer too long
+                raise SourceError(f"{path}: cannot parse the JSON ({type(e).__name__}: {e})") from None
             yield from data
             return
         if first == "{" and path.suffix == ".json":
             try:
                 data = json.load(f)
-            except json.JSONDecodeError:
-                f.seek(0)  # JSON Lines in a .json file
+            except (ValueError, RecursionError):
+                f.seek(0)  # JSON Lines in a .json file (or a bad object: each line then becomes a reject)
             else:
                 raise SourceError(
                     f"{path}: top level is an object, not a list of records; "
@@ -104,8 +109,9 @@ def _read_records(path: Path) -> Iterator[object]:
                 continue
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({e.msg})", "__reason__": "invalid JSON"}
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, nesting too deep, integer too long
+                why = e.msg if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {str(e)[:200]}"
+                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({why})", "__reason__": "invalid JSON"}
 
 
 def to_canonical(record: object, shape: str = "auto") -> dict:
@@ -121,7 +127,10 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
         messages = []
         if record.get("system"):
             messages.append({"role": "system", "content": record["system"]})
-        for pair in record.get("history") or []:
+        history = record.get("history") or []
+        if not isinstance(history, list):
+            raise ShapeError("alpaca history must be a list of [question, answer] pairs")
+        for pair in history:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise ShapeError("alpaca history must be a list of [question, answer] pairs")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]

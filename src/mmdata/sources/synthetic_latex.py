@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..errors import SourceError
 from . import Source, SourceParams, register_source

@@ -51,20 +51,43 @@ def alpaca_record(sample: Sample) -> dict:
     return record
 
 
-def dataset_info_entry(fmt: str, file_name: str, has_images: bool, has_videos: bool = False) -> dict:
+def dataset_info_entry(fmt: str, file_name: str, keys: frozenset[str] = frozenset()) -> dict:
+    """The entry for one written dataset; ``keys`` are the optional record keys it has (see :data:`OPTIONAL_KEYS`).
+
+    Only columns the records carry are declared: LLaMA-Factory indexes every declared column and raises ``KeyError``
+    on a missing one (e.g. ``history`` in an alpaca set with no multi-turn record).
+    """
     if fmt == "sharegpt":
         columns = {"messages": "messages"}
     else:
-        columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                   "history": "history"}
-    if has_images:
-        columns["images"] = "images"
-    if has_videos:
-        columns["videos"] = "videos"
+        columns = {"prompt": "instruction", "query": "input", "response": "output"}
+    columns.update({key: key for key in OPTIONAL_KEYS[fmt] if key in keys})
     entry = {"file_name": file_name, "formatting": fmt, "columns": columns}
     if fmt == "sharegpt":
         entry["tags"] = dict(SHAREGPT_TAGS)
     return entry
+
+
+# Keys a record carries only when it has them, in the order they are written. datasets' JSON loader (LLaMA-Factory's)
+# refuses a folder whose files have different columns, and types each column from the first rows of whichever file it
+# reads first: so every record of a dataset carries every optional key the dataset has (see fill_optional_keys).
+OPTIONAL_KEYS = {"sharegpt": ("images", "videos"), "alpaca": ("system", "history", "images", "videos")}
+_KEY_ORDER = {"sharegpt": ("messages", "images", "videos"),
+              "alpaca": ("instruction", "input", "output", "system", "history", "images", "videos")}
+
+
+def optional_keys(line: str, fmt: str) -> frozenset[str]:
+    """The optional keys of one line this module wrote. A plain substring test is exact here: inside a JSON string a
+    quote is always escaped, so ``"images":`` can only be a key, and these keys only occur at the top level."""
+    return frozenset(key for key in OPTIONAL_KEYS[fmt] if f'"{key}":' in line)
+
+
+def fill_optional_keys(line: str, keys: frozenset[str], fmt: str) -> str:
+    """``line`` with each of ``keys`` it lacks added empty (``[]``, or ``""`` for ``system``), in the written order."""
+    record = json.loads(line)
+    full = {key: record[key] if key in record else ("" if key == "system" else [])
+            for key in _KEY_ORDER[fmt] if key in record or key in keys}
+    return json.dumps(full, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 @contextlib.contextmanager
@@ -104,6 +127,8 @@ def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = F
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # only a lock holder writes these: a killed merge's
+            stale.unlink(missing_ok=True)
         info: dict = {}
         if path.exists() and path.stat().st_size > 0:
             try:
@@ -124,3 +149,23 @@ def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = F
         info.update(entries)
         write_text_atomic(path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return list(entries)
+
+
+def unregister_datasets(path: Path, file_names: dict[str, str | None]) -> list[str]:
+    """Remove entries ``name -> file_name`` that a build registered in ``path`` (locked, atomic replace); returns the
+    names removed. An entry whose ``file_name`` differs (re-registered by someone else) is left alone."""
+    if not path.is_file():
+        return []
+    with locked(path):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []  # not ours to repair; merge_dataset_info reports it
+        if not isinstance(info, dict):
+            return []
+        stale = [n for n, f in file_names.items() if isinstance(info.get(n), dict) and info[n].get("file_name") == f]
+        if stale:
+            for name in stale:
+                del info[name]
+            write_text_atomic(path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    return stale
