@@ -49,9 +49,9 @@ def build(
 
 def validate(dataset_info: str, datasets: list[str] | None = None, **options: Any):
     """Lint an existing LLaMA-Factory dataset (see ``mmdata validate``); returns the report."""
-    from .check import validate_dataset_info
+    from .check import validate as validate_dataset
 
-    return validate_dataset_info(dataset_info, datasets, **options)
+    return validate_dataset(dataset_info, datasets, **options)
 
 
 __all__ = [

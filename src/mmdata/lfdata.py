@@ -1,13 +1,22 @@
 """Read LLaMA-Factory datasets: ``dataset_info.json`` entries and the records they point at.
 
-This mirrors LLaMA-Factory's own parsing (``data/parser.py`` and ``data/converter.py``) closely enough that what we
-accept here, LLaMA-Factory accepts: an entry's ``columns``/``tags`` replace the defaults key by key, and a key missing
-from a given ``columns`` mapping becomes ``None`` there (not the default). Used by ``mmdata validate``, the trainer
-and the report, so all three read datasets the same way.
+This mirrors LLaMA-Factory's own reading (``data/parser.py``, ``data/loader.py`` and ``data/converter.py``) so that
+what we accept here, LLaMA-Factory accepts, and the trainer, the report and ``mmdata validate`` read datasets the same
+way. The rules that are easy to get wrong, all taken from those files:
+
+- an entry's ``columns``/``tags`` replace the defaults key by key, and a key *missing* from a given mapping becomes
+  ``None`` there, not the default (``DatasetAttr.join`` does ``obj.get(key)``); ``tags`` apply whatever the formatting;
+- ``file_name`` is relative to ``dataset_dir``; a folder loads *every* entry ``os.listdir`` returns (dot files too),
+  and all of them must have the same type by extension;
+- sharegpt: a first message with the system tag is the system prompt (the ``system`` column is then ignored); the
+  other messages must alternate user/observation and assistant/function tags;
+- alpaca: ``instruction`` and ``input`` are joined by a newline (empty ones skipped), ``history`` pairs come first;
+- media paths are joined to ``media_dir`` (default: ``dataset_dir``); an absolute path stays as it is.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterator
@@ -25,11 +34,14 @@ COLUMN_NAMES = (
 TAG_NAMES = (
     "role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag",
 )
-ENTRY_KEYS = {
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "formatting", "ranking",
-    "subset", "split", "folder", "num_samples", "columns", "tags",
-}
-DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+SOURCE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
+ENTRY_KEYS = {*SOURCE_KEYS, "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags"}
+FORMATTINGS = ("alpaca", "sharegpt", "openai")
+# LLaMA-Factory's FILEEXT2TYPE: the type is the text after the last dot of the file name.
+FILEEXT2TYPE = {"arrow": "arrow", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "txt": "text"}
+# Roles of LLaMA-Factory's ``Role`` enum that a tag maps to.
+TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "observation",
+             "function_tag": "function", "system_tag": "system"}
 
 
 @dataclass
@@ -40,7 +52,11 @@ class DatasetAttr:
     load_from: str
     dataset_name: str
     formatting: str = "alpaca"
+    ranking: bool = False
     split: str = "train"
+    subset: str | None = None
+    folder: str | None = None
+    num_samples: int | None = None
     columns: dict[str, str | None] = field(default_factory=dict)
     tags: dict[str, str | None] = field(default_factory=dict)
 
@@ -83,83 +99,211 @@ def read_dataset_info(path: str | os.PathLike) -> dict:
 
 
 def parse_entry(name: str, entry: dict) -> DatasetAttr:
-    """Turn one entry into a :class:`DatasetAttr` the way LLaMA-Factory's ``get_dataset_list`` does."""
-    for key, load_from in (("hf_hub_url", "hf_hub"), ("ms_hub_url", "ms_hub"), ("om_hub_url", "om_hub"),
-                           ("script_url", "script"), ("cloud_file_name", "cloud_file"), ("file_name", "file")):
+    """Turn one entry into a :class:`DatasetAttr` the way LLaMA-Factory's ``get_dataset_list`` does.
+
+    Without ``USE_MODELSCOPE_HUB``/``USE_OPENMIND_HUB`` set, ``hf_hub_url`` wins over the other hubs, a hub over a
+    script, a script over a cloud file and that over ``file_name``.
+    """
+    for key, load_from in zip(SOURCE_KEYS, ("hf_hub", "ms_hub", "om_hub", "script", "cloud_file", "file"),
+                              strict=True):
         if key in entry:
             attr = DatasetAttr(name=name, load_from=load_from, dataset_name=entry[key])
             break
     else:
         raise DatasetInfoError(f"entry {name!r} has no file_name (or hf_hub_url/ms_hub_url): add \"file_name\"")
     attr.formatting = entry.get("formatting", "alpaca")
+    attr.ranking = entry.get("ranking", False)
     attr.split = entry.get("split", "train")
+    attr.subset, attr.folder, attr.num_samples = entry.get("subset"), entry.get("folder"), entry.get("num_samples")
     attr.columns = _default_columns()
     if isinstance(entry.get("columns"), dict):
         attr.columns = {c: entry["columns"].get(c) for c in COLUMN_NAMES}
     attr.tags = _default_tags()
-    if attr.formatting == "sharegpt" and isinstance(entry.get("tags"), dict):
+    if isinstance(entry.get("tags"), dict):
         attr.tags = {t: entry["tags"].get(t) for t in TAG_NAMES}
     return attr
 
 
+def file_type(path: str | os.PathLike) -> str | None:
+    """LLaMA-Factory's loader type of a data file (``json``, ``csv``, ...), or ``None`` when it refuses the name."""
+    return FILEEXT2TYPE.get(Path(path).name.split(".")[-1])
+
+
 def data_files(dataset_dir: str | os.PathLike, attr: DatasetAttr) -> list[Path]:
-    """The local files behind a ``file_name`` entry: the file itself, or every file of the folder, sorted."""
+    """The local paths behind a ``file_name`` entry, as LLaMA-Factory lists them: the file itself, or everything in
+    the folder (dot files and sub-folders included: LLaMA-Factory loads them too, so they must not be there), sorted.
+    """
     path = Path(dataset_dir) / attr.dataset_name
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(path.iterdir())
     return [path]
 
 
 def iter_file_records(path: Path) -> Iterator[object]:
-    """Yield the raw records of one ``.json`` (a list, or JSON Lines despite the name) or ``.jsonl`` file."""
+    """Yield the raw records of one data file, streaming (constant memory, whatever the file size).
+
+    ``.json``: a JSON array, or JSON Lines despite the name (both load in LLaMA-Factory); ``.jsonl``: JSON Lines;
+    ``.parquet``/``.arrow`` through pyarrow in batches; ``.csv`` as string columns; ``.txt`` one ``{"text": line}``
+    per line. A decoding error raises :class:`DatasetInfoError` naming the file and line.
+    """
+    kind = file_type(path)
+    if kind == "json":
+        yield from _iter_json(path)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif kind == "arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield from reader.get_batch(i).to_pylist()
+                return
+            for batch in reader:
+                yield from batch.to_pylist()
+    elif kind == "csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            yield from csv.DictReader(f)
+    elif kind == "text":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield {"text": line.rstrip("\n")}
+    else:
+        raise DatasetInfoError(
+            f"{path}: LLaMA-Factory cannot load this file type; allowed: {', '.join(FILEEXT2TYPE)}")
+
+
+_CHUNK = 1 << 20
+
+
+def _iter_json(path: Path) -> Iterator[object]:
+    """A JSON array element by element (``raw_decode`` over a sliding buffer), or JSON Lines line by line."""
     with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            yield from json.load(f)
+        head = f.read(_CHUNK)
+        body = head.lstrip()
+        if body.startswith("["):
+            yield from _iter_json_array(f, path, body, 1)
             return
-        for line in f:
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetInfoError(
+                        f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); a .json/.jsonl file "
+                        "must be a JSON array of records or JSON Lines (one complete record per line)") from None
+
+
+def _iter_json_array(f, path: Path, buf: str, pos: int) -> Iterator[object]:
+    decoder = json.JSONDecoder()
+    lines_before = 0  # newlines in the text already dropped from the buffer
+
+    def more() -> bool:
+        nonlocal buf, pos, lines_before
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            return False
+        lines_before += buf.count("\n", 0, pos)
+        buf, pos = buf[pos:] + chunk, 0
+        return True
+
+    def next_char() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if not more():
+                return ""
+
+    def error(what: str, at: int) -> DatasetInfoError:
+        line = lines_before + buf.count("\n", 0, at) + 1
+        return DatasetInfoError(f"{path}: not valid JSON near line {line} ({what}); was the file truncated?")
+
+    first = True
+    while True:
+        c = next_char()
+        if c == "]":
+            return
+        if not first:
+            if c != ",":
+                raise error("expected ',' or ']' between records", pos)
+            pos += 1
+            c = next_char()
+        if not c:
+            raise error("the array is not closed", pos)
+        while True:
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if more():
+                    continue
+                raise error(e.msg, e.pos) from None
+            if end == len(buf) and more():  # a number may go on in the next chunk: decode again
+                continue
+            break
+        yield value
+        pos, first = end, False
 
 
 def to_turns(record: dict, attr: DatasetAttr) -> tuple[list[tuple[str, object]], list, list]:
-    """Canonical ``(role, content)`` turns plus image and video lists of one record.
+    """Canonical ``(role, content)`` turns plus image and video lists of one record, as LLaMA-Factory aligns it.
 
-    sharegpt: the messages column with the entry's tags mapped to system/user/assistant (unknown roles kept as-is so
-    the validator reports them); a separate system column is prepended. alpaca: history pairs, then instruction +
-    input as the user turn and output as the assistant turn.
+    sharegpt (and openai): messages with the entry's tags mapped to ``system``/``user``/``assistant``/
+    ``observation``/``function``; a role that matches no tag is kept as-is so the validator reports it; a leading
+    system message is the system prompt, else the ``system`` column is. alpaca: history pairs, then instruction and
+    input (newline-joined) as the user turn and output as the assistant turn (none when the entry maps no response
+    column: pre-training text). Ranking entries: the ``chosen`` answer is the assistant turn.
     """
     images = _as_list(record.get(attr.column("images"))) if attr.column("images") else []
     videos = _as_list(record.get(attr.column("videos"))) if attr.column("videos") else []
     turns: list[tuple[str, object]] = []
     system = record.get(attr.column("system")) if attr.column("system") else None
-    if attr.formatting == "sharegpt":
-        role_map = {attr.tag("user_tag"): "user", attr.tag("assistant_tag"): "assistant",
-                    attr.tag("system_tag"): "system"}
-        messages = record.get(attr.column("messages") or "", [])
+    if attr.formatting in ("sharegpt", "openai"):
+        role_tag, content_tag = attr.tag("role_tag") or "", attr.tag("content_tag") or ""
+        role_map = {attr.tag(t): role for t, role in TAG_ROLES.items() if attr.tag(t) is not None}
+        messages = record.get(attr.column("messages") or "")
+        if messages is None:
+            messages = []
         if not isinstance(messages, list):
             raise ValueError(f"column {attr.column('messages')!r} is {type(messages).__name__}, expected a list")
-        if system:
-            turns.append(("system", system))
         for m in messages:
             if not isinstance(m, dict):
-                raise ValueError(f"a message is {type(m).__name__}, expected an object with role/content")
-            role = m.get(attr.tag("role_tag") or "")
-            turns.append((role_map.get(role, str(role)), m.get(attr.tag("content_tag") or "")))
+                raise ValueError(f"a message is {type(m).__name__}, expected an object with {role_tag}/{content_tag}")
+        first_is_system = bool(messages) and attr.tag("system_tag") and messages[0].get(role_tag) == attr.tag(
+            "system_tag")
+        if system and not first_is_system:
+            turns.append(("system", system))
+        for m in messages:
+            role = m.get(role_tag)
+            turns.append((role_map.get(role, str(role)), m.get(content_tag)))
+        if attr.ranking and isinstance(record.get(attr.column("chosen") or ""), dict):
+            chosen = record[attr.column("chosen")]
+            turns.append((role_map.get(chosen.get(role_tag), str(chosen.get(role_tag))), chosen.get(content_tag)))
     else:
         if system:
             turns.append(("system", system))
         history = record.get(attr.column("history")) if attr.column("history") else None
-        for pair in history or []:
-            turns += [("user", pair[0]), ("assistant", pair[1])]
-        prompt = record.get(attr.column("prompt") or "") or ""
-        query = record.get(attr.column("query") or "") if attr.column("query") else ""
-        user = "\n".join(p for p in (prompt, query) if p) if isinstance(prompt, str) and isinstance(query or "", str) else prompt
+        if isinstance(history, list):
+            for pair in history:
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise ValueError(f"a history item is {pair!r}, expected a [question, answer] pair")
+                turns += [("user", pair[0]), ("assistant", pair[1])]
+        parts = [record.get(attr.column(c)) for c in ("prompt", "query") if attr.column(c)]
+        parts = [p for p in parts if p]
+        user = "\n".join(parts) if all(isinstance(p, str) for p in parts) else (parts[0] if parts else "")
         turns.append(("user", user))
-        turns.append(("assistant", record.get(attr.column("response") or "", "")))
+        answer_column = attr.column("chosen") if attr.ranking else attr.column("response")
+        if answer_column:
+            turns.append(("assistant", record.get(answer_column)))
     return turns, images, videos
 
 

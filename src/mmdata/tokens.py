@@ -1,0 +1,273 @@
+"""Token budget of a record as LLaMA-Factory feeds it to Qwen2-VL: text, chat template and image tokens vs ``cutoff_len``.
+
+Pure functions plus one small accumulator, so the build summary and ``mmdata validate`` count the same way:
+
+- images: LLaMA-Factory first shrinks/grows an image to ``image_max_pixels``/``image_min_pixels`` (its Qwen2-VL
+  plugin's ``_preprocess_image``), then the processor's ``smart_resize`` (copied from transformers'
+  ``image_processing_qwen2_vl``) snaps it to multiples of 28 within ``min_pixels``/``max_pixels``; every 28x28 block
+  is one ``<|image_pad|>`` token (14-pixel patches, 2x2 merged), wrapped in ``<|vision_start|>``/``<|vision_end|>``;
+- text: exact with a tokenizer; without one, :func:`estimate_text_tokens`, which says it is an estimate;
+- template: Qwen2-VL's ``<|im_start|>role\\n ... <|im_end|>\\n`` around every turn, and LLaMA-Factory's default system
+  prompt when the record has none.
+
+:class:`TokenBudget` keeps a fixed-width histogram, never the lengths themselves: memory does not grow with the
+number of records, and the suggested cutoff is exact to one bucket (rounded up, so it never under-suggests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import MmdataError
+
+# LLaMA-Factory's DataArguments/ModelArguments defaults.
+IMAGE_MAX_PIXELS = 768 * 768
+IMAGE_MIN_PIXELS = 32 * 32
+# Qwen2-VL-*-Instruct preprocessor_config.json (transformers' class defaults differ: max 28*28*1280; with
+# LLaMA-Factory's image_max_pixels below both, the difference never shows).
+PROCESSOR_MIN_PIXELS = 56 * 56
+PROCESSOR_MAX_PIXELS = 12845056
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 28
+
+# Qwen2-VL chat template, as LLaMA-Factory's ``qwen2_vl`` template writes it (token counts of the Qwen2 tokenizer):
+#   "<|im_start|>" role "\n" content "<|im_end|>" "\n"   -> 3 tokens before the content, 2 after.
+TURN_OVERHEAD = 5
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM_TOKENS = 6  # its length in Qwen2 tokens
+VISION_WRAPPER = 2  # <|vision_start|> ... <|vision_end|>
+
+
+# ------------------------------------------------------------------------------------------------------ images
+
+
+def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = PROCESSOR_MIN_PIXELS,
+                 max_pixels: int = PROCESSOR_MAX_PIXELS) -> tuple[int, int]:
+    """transformers' Qwen2-VL ``smart_resize``, line for line: both sides multiples of ``factor``, the area within
+    ``[min_pixels, max_pixels]``, the aspect ratio kept as closely as possible. Raises ``ValueError`` past 200:1, as
+    transformers does (LLaMA-Factory's plugin pre-crops such images, see :func:`lf_image_size`)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen2vl_image_tokens(width: int, height: int, min_pixels: int = PROCESSOR_MIN_PIXELS,
+                         max_pixels: int = PROCESSOR_MAX_PIXELS) -> int:
+    """``<|image_pad|>`` tokens the Qwen2-VL processor makes of a ``width`` x ``height`` image: one per 28x28 block
+    after :func:`smart_resize` (``grid_h * grid_w / merge_size**2``)."""
+    h_bar, w_bar = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    return (h_bar // PATCH_SIZE) * (w_bar // PATCH_SIZE) // (MERGE_SIZE ** 2)
+
+
+def lf_image_size(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIXELS,
+                  image_min_pixels: int = IMAGE_MIN_PIXELS) -> tuple[int, int]:
+    """The size LLaMA-Factory hands the processor: scaled into ``[image_min_pixels, image_max_pixels]`` (truncating
+    like its ``int(width * factor)``), then the Qwen2-VL plugin's fixes: sides at least 28, aspect ratio at most 180:1
+    once it passes 200:1."""
+    if width * height > image_max_pixels:
+        scale = math.sqrt(image_max_pixels / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    if width * height < image_min_pixels:
+        scale = math.sqrt(image_min_pixels / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    if min(width, height) < 28:
+        width, height = max(width, 28), max(height, 28)
+    if width / height > 200:
+        width = height * 180
+    if height / width > 200:
+        height = width * 180
+    return width, height
+
+
+def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, min_pixels: int = IMAGE_MIN_PIXELS,
+                 processor_min_pixels: int = PROCESSOR_MIN_PIXELS,
+                 processor_max_pixels: int = PROCESSOR_MAX_PIXELS) -> int:
+    """Image tokens of one image in LLaMA-Factory training: ``max_pixels``/``min_pixels`` are LLaMA-Factory's
+    ``image_max_pixels``/``image_min_pixels``; the wrapper tokens are not included (see :data:`VISION_WRAPPER`)."""
+    w, h = lf_image_size(width, height, max_pixels, min_pixels)
+    return qwen2vl_image_tokens(w, h, processor_min_pixels, processor_max_pixels)
+
+
+# -------------------------------------------------------------------------------------------------------- text
+
+# Qwen2's pre-tokenizer splits letters runs, single digits, punctuation runs and whitespace; BPE then merges within
+# a piece. Per piece: CJK ~1 token per character (Qwen merges common pairs, so this leans high), Latin words ~1 per
+# 5 letters (one for most words), a digit 1, punctuation ~1 per 2 characters, a whitespace run 1 unless it precedes a
+# word (it merges into it).
+_PIECE = re.compile(
+    r"(?P<cjk>[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]+)"
+    r"|(?P<word>[^\W\d_]+)"
+    r"|(?P<digit>\d)"
+    r"|(?P<punct>[^\w\s]+|_+)"
+    r"|(?P<space>\s+)"
+)
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Qwen2 tokens of ``text`` without a tokenizer: an estimate that leans high (Chinese is counted one token per
+    character where Qwen2 averages ~1.4 characters per token), so a cutoff chosen from it rarely truncates. Expect
+    +-25% per record; say "estimated" wherever it is shown, and pass a tokenizer for exact counts."""
+    total = 0
+    for m in _PIECE.finditer(text):
+        kind, piece = m.lastgroup, m.group()
+        if kind == "cjk":
+            total += len(piece)
+        elif kind == "word":
+            total += max(1, math.ceil(len(piece) / 5))
+        elif kind == "digit":
+            total += 1
+        elif kind == "punct":
+            total += math.ceil(len(piece) / 2)
+        elif kind == "space" and (m.end() == len(text) or "\n" in piece or len(piece) > 1):
+            total += 1  # a single space before a word or symbol merges into it
+    return total
+
+
+@dataclass(frozen=True)
+class TokenCounter:
+    """How text becomes tokens (a tokenizer or the estimate) and the image settings; ``label`` says which."""
+
+    text: Callable[[str], int] = estimate_text_tokens
+    exact: bool = False
+    label: str = "estimated without a tokenizer (pass --tokenizer for exact counts)"
+    image_max_pixels: int = IMAGE_MAX_PIXELS
+    image_min_pixels: int = IMAGE_MIN_PIXELS
+
+    def image(self, width: int, height: int) -> int:
+        return image_tokens(width, height, self.image_max_pixels, self.image_min_pixels) + VISION_WRAPPER
+
+
+def token_counter(tokenizer: object = None, image_max_pixels: int | None = None,
+                  image_min_pixels: int | None = None) -> TokenCounter:
+    """A :class:`TokenCounter`: ``tokenizer`` is a path or hub name for ``transformers.AutoTokenizer`` (local files
+    only: validation never downloads) or an object with ``encode``; ``None`` means the honest estimate."""
+    images = {"image_max_pixels": image_max_pixels or IMAGE_MAX_PIXELS,
+              "image_min_pixels": image_min_pixels or IMAGE_MIN_PIXELS}
+    if tokenizer is None:
+        return TokenCounter(**images)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise MmdataError("--tokenizer needs transformers: pip install 'mmdata[train]'") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise MmdataError(f"--tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0]}); pass a local "
+                              "folder with tokenizer.json, e.g. a downloaded Qwen2-VL checkpoint") from None
+    encode = tokenizer.encode
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    return TokenCounter(lambda text: len(encode(text, add_special_tokens=False)), True,
+                        f"counted with the tokenizer {name}", **images)
+
+
+def record_tokens(turns: Sequence[tuple[str, object]], image_sizes: Iterable[tuple[int, int]],
+                  counter: TokenCounter | None = None) -> int:
+    """Tokens of one record as LLaMA-Factory's ``qwen2_vl`` template lays it out: every turn's text plus
+    :data:`TURN_OVERHEAD`, the default system prompt when there is none, and every image's tokens (its ``<image>``
+    placeholder text is replaced, so not counted)."""
+    counter = counter or TokenCounter()
+    total = 0 if any(role == "system" for role, _ in turns) else DEFAULT_SYSTEM_TOKENS + TURN_OVERHEAD
+    for _role, content in turns:
+        text = content if isinstance(content, str) else ("" if content is None else str(content))
+        total += counter.text(text.replace("<image>", "").replace("<video>", "")) + TURN_OVERHEAD
+    return total + sum(counter.image(w, h) for w, h in image_sizes)
+
+
+# ------------------------------------------------------------------------------------------------------ budget
+
+
+@dataclass
+class TokenBudget:
+    """Streaming token statistics against ``cutoff_len``: feed it record by record with :meth:`add`.
+
+    Memory is a histogram of ``bucket``-token bins (a few hundred entries for real data), so the 99% cutoff it
+    suggests is rounded up to a bin edge. ``over_examples`` keeps the first few record indices over the cutoff.
+    """
+
+    cutoff_len: int | None = None
+    counter: TokenCounter = field(default_factory=TokenCounter)
+    bucket: int = 16
+    count: int = 0
+    over: int = 0
+    max_tokens: int = 0
+    total_tokens: int = 0
+    over_examples: list[int] = field(default_factory=list)
+    _hist: Counter = field(default_factory=Counter, repr=False)
+
+    def add(self, turns: Sequence[tuple[str, object]], image_sizes: Iterable[tuple[int, int]] = (),
+            record: int | None = None) -> int:
+        """Count one record (turns as ``(role, content)``, image sizes as ``(width, height)``); returns its tokens."""
+        return self.add_length(record_tokens(turns, image_sizes, self.counter), record)
+
+    def add_length(self, tokens: int, record: int | None = None) -> int:
+        """Count one record whose token length is already known."""
+        self.count += 1
+        self.total_tokens += tokens
+        self.max_tokens = max(self.max_tokens, tokens)
+        self._hist[tokens // self.bucket] += 1
+        if self.cutoff_len is not None and tokens > self.cutoff_len:
+            self.over += 1
+            if record is not None and len(self.over_examples) < 5:
+                self.over_examples.append(record)
+        return tokens
+
+    def merge(self, other: TokenBudget) -> None:
+        """Add another budget's counts (parallel workers, several datasets)."""
+        self.count += other.count
+        self.over += other.over
+        self.total_tokens += other.total_tokens
+        self.max_tokens = max(self.max_tokens, other.max_tokens)
+        self._hist.update(other._hist)
+        self.over_examples = (self.over_examples + other.over_examples)[:5]
+
+    def percentile(self, q: float = 0.99) -> int:
+        """The smallest length (rounded up to a bin edge, capped at the max) that ``q`` of the records fit in."""
+        if not self.count:
+            return 0
+        need, seen = math.ceil(q * self.count), 0
+        for b in sorted(self._hist):
+            seen += self._hist[b]
+            if seen >= need:
+                return min((b + 1) * self.bucket - 1, self.max_tokens)
+        return self.max_tokens
+
+    def suggested_cutoff(self, q: float = 0.99, step: int = 64) -> int:
+        """A ``cutoff_len`` that keeps ``q`` of the records whole, rounded up to a multiple of ``step``."""
+        return max(step, math.ceil(self.percentile(q) / step) * step)
+
+    def summary(self) -> dict:
+        return {"records": self.count, "max": self.max_tokens,
+                "mean": round(self.total_tokens / self.count, 1) if self.count else 0,
+                "p50": self.percentile(0.5), "p99": self.percentile(0.99), "cutoff_len": self.cutoff_len,
+                "over_cutoff": self.over, "suggested_cutoff_len": self.suggested_cutoff() if self.count else None,
+                "exact": self.counter.exact, "counted": self.counter.label,
+                "image_max_pixels": self.counter.image_max_pixels}
+
+    def format(self) -> str:
+        """One line for the build summary or the validate report."""
+        if not self.count:
+            return "tokens: no records"
+        s = self.summary()
+        line = f"tokens, {self.counter.label}: max {s['max']}, mean {s['mean']}, p99 {s['p99']}"
+        if self.cutoff_len is not None:
+            pct = 100 * self.over / self.count
+            line += f"; {self.over} of {self.count} records ({pct:.1f}%) over cutoff_len {self.cutoff_len}"
+        return line + f"; cutoff_len {s['suggested_cutoff_len']} keeps 99%"
