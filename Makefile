@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (build the offline sample) and `make test` (the test suite). Each makes its own venv.
+# Entry points: `make demo` (build the offline sample), `make test` (lint, unit tests, then the LLaMA-Factory
+# conformance run). Each makes its own venv in .venv; nothing is downloaded but packages.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test unit conformance install install-test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,21 +13,29 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
+# torch 2.14.1 with torchvision 0.29.1: the pair that imports together (transformers' Qwen2-VL processor needs
+# torchvision); pip takes both from this machine's local wheel store. The extras bring the trainer, Ray and ModelScope.
 install-test: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,train]"
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev,train,ray,modelscope]"
 
 demo: install
 	$(BIN)/mmdata build latex_ocr_sample --set output.dir=out/latex_ocr_sample
 	$(BIN)/mmdata validate out/latex_ocr_sample/dataset_info.json
 	@echo "LLaMA-Factory dataset ready: dataset_dir=out/latex_ocr_sample (see out/latex_ocr_sample/dataset_info.json)"
 
-test: install-test
+test: unit conformance
+
+unit: install-test
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
+
+# What mmdata writes loads, trains, predicts and merges in the real LLaMA-Factory (its own venv in .cache/lf-venv).
+conformance: install-test
+	bash conformance/run.sh $(abspath $(BIN)/python)
 
 lint: install-test
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) out build dist
+	rm -rf $(VENV) out build dist .cache

@@ -1,0 +1,157 @@
+"""`mmdata llamafactory`: LLaMA-Factory YAMLs from a build, every key checked against the pinned LLaMA-Factory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from tests.conftest import REPO
+
+import mmdata
+from mmdata.cli import main
+from mmdata.lfconfig import (
+    LF_IMAGE_MAX_PIXELS,
+    LlamaFactoryConfigError,
+    check_keys,
+    image_tokens,
+    llamafactory_argument_names,
+    write_llamafactory_configs,
+)
+
+
+@pytest.fixture(scope="module")
+def latex_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "latex"
+    mmdata.build("latex_ocr_sample", quiet=True, output__dir=str(out))
+    return out
+
+
+def load(path):
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def test_train_predict_merge_yaml_from_a_build_with_val_split(latex_build, tmp_path):
+    written = write_llamafactory_configs(latex_build, model="Qwen/Qwen2-VL-2B-Instruct", out_dir=tmp_path)
+    assert [p.name for p in written] == ["train_lora.yaml", "predict.yaml", "merge.yaml"]
+    train, predict, merge = (load(p) for p in written)
+
+    assert train["stage"] == "sft" and train["finetuning_type"] == "lora" and train["template"] == "qwen2_vl"
+    assert train["dataset_dir"] == str(latex_build.resolve())
+    assert train["dataset"] == "latex_ocr_sample_train"
+    assert train["eval_dataset"] == "latex_ocr_sample_val" and "val_size" not in train
+    assert train["image_max_pixels"] == LF_IMAGE_MAX_PIXELS  # the recipe copies images: LLaMA-Factory's default
+    assert train["cutoff_len"] % 128 == 0 and 128 <= train["cutoff_len"] <= 1024
+    assert "deepspeed" not in train
+
+    assert predict["do_predict"] and predict["predict_with_generate"]
+    assert predict["eval_dataset"] == "latex_ocr_sample_val"  # no test split: the val split is predicted
+    assert predict["adapter_name_or_path"] == train["output_dir"]
+    assert merge["adapter_name_or_path"] == train["output_dir"] and merge["template"] == "qwen2_vl"
+    assert merge["export_dir"].endswith("lora_merged")
+
+
+def test_every_generated_key_is_a_llamafactory_argument(latex_build, tmp_path):
+    names = llamafactory_argument_names()
+    assert names["llamafactory_version"] == "0.9.5"
+    for path in write_llamafactory_configs(latex_build, out_dir=tmp_path, deepspeed=2):
+        if path.suffix == ".yaml":
+            command = "export" if path.name == "merge.yaml" else "train"
+            assert set(load(path)) <= names[command], path.name
+
+
+def test_test_split_is_predicted_and_no_split_uses_val_size(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(12)))
+    for name, split in (("three", {"val": 2, "test": 3}), ("plain", {})):
+        recipe = {"name": name, "source": {"type": "jsonl", "path": str(rows)}, "split": split,
+                  "output": {"dir": str(tmp_path / name)}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        mmdata.build(str(tmp_path / f"{name}.yaml"), quiet=True)
+
+    write_llamafactory_configs(tmp_path / "three")
+    assert load(tmp_path / "three" / "predict.yaml")["eval_dataset"] == "three_test"
+    assert load(tmp_path / "three" / "train_lora.yaml")["eval_dataset"] == "three_val"
+    with pytest.raises(LlamaFactoryConfigError, match="already holds a val split"):
+        write_llamafactory_configs(tmp_path / "three", val_size=0.1)
+
+    write_llamafactory_configs(tmp_path / "plain", val_size=0.1)
+    train = load(tmp_path / "plain" / "train_lora.yaml")
+    assert train["dataset"] == "plain" and train["val_size"] == 0.1 and "eval_dataset" not in train
+    write_llamafactory_configs(tmp_path / "plain")
+    assert "val_size" not in load(tmp_path / "plain" / "train_lora.yaml")
+
+
+def test_image_max_pixels_follows_the_recipe(tmp_path):
+    out = tmp_path / "small"
+    mmdata.build("latex_ocr_sample", quiet=True, output__dir=str(out), images__mode="convert",
+                 images__max_pixels="40000")
+    write_llamafactory_configs(out)
+    assert load(out / "train_lora.yaml")["image_max_pixels"] == 40000
+
+
+def test_deepspeed_zero_stages(latex_build, tmp_path):
+    for stage in (0, 2, 3):
+        written = write_llamafactory_configs(latex_build, out_dir=tmp_path / f"z{stage}", deepspeed=stage)
+        ds = written[-1]
+        assert ds.name == f"ds_z{stage}_config.json"
+        assert json.loads(ds.read_text())["zero_optimization"]["stage"] == stage
+        assert load(written[0])["deepspeed"] == str(ds)
+        assert "deepspeed" not in load(written[1])  # predict_with_generate is incompatible with ZeRO-3
+    with pytest.raises(LlamaFactoryConfigError, match="ZeRO stage"):
+        write_llamafactory_configs(latex_build, out_dir=tmp_path, deepspeed=1)
+
+
+def test_unknown_keys_are_refused_with_a_suggestion(latex_build, tmp_path):
+    with pytest.raises(LlamaFactoryConfigError, match=r"'lora_rnak' \(did you mean 'lora_rank'"):
+        write_llamafactory_configs(latex_build, out_dir=tmp_path, extra={"lora_rnak": 16})
+    assert not (tmp_path / "train_lora.yaml").exists()  # nothing written when a key is wrong
+    with pytest.raises(LlamaFactoryConfigError, match="llamafactory-cli export"):
+        check_keys({"export_dir": "x", "do_train": True}, "export")
+
+
+def test_set_replaces_or_adds_train_keys(latex_build, tmp_path):
+    write_llamafactory_configs(latex_build, out_dir=tmp_path, extra={"save_steps": 50, "freeze_vision_tower": False})
+    train = load(tmp_path / "train_lora.yaml")
+    assert train["save_steps"] == 50 and train["freeze_vision_tower"] is False
+
+
+def test_smoke_run_options(latex_build, tmp_path):
+    write_llamafactory_configs(latex_build, out_dir=tmp_path, model="/models/tiny", max_steps=3, precision="fp32",
+                               num_workers=1, cutoff_len=1024)
+    train = load(tmp_path / "train_lora.yaml")
+    assert train["model_name_or_path"] == "/models/tiny" and train["max_steps"] == 3
+    assert train["logging_steps"] == 3  # so trainer_log.jsonl gets a loss within the run
+    assert "bf16" not in train and "fp16" not in train and train["cutoff_len"] == 1024
+
+
+def test_image_tokens_match_qwen2vl_in_llamafactory():
+    # The conformance run checks this formula against LLaMA-Factory 0.9.5's input_ids for these sizes.
+    assert image_tokens(28, 28) == 4          # upscaled to Qwen2-VL's min_pixels (56x56)
+    assert image_tokens(300, 200) == 77       # 308x196 -> 22x14 patches -> /4
+    assert image_tokens(1200, 900) == 768     # first downscaled to image_max_pixels (768*768) by LLaMA-Factory
+    assert image_tokens(1200, 900, image_max_pixels=40000) == 48  # 230x173 -> 224x168 -> 16x12 patches -> /4
+
+
+def test_not_a_build_folder(tmp_path):
+    with pytest.raises(LlamaFactoryConfigError, match="mmdata_build.json"):
+        write_llamafactory_configs(tmp_path)
+
+
+def test_cli(latex_build, tmp_path, capsys):
+    rc = main(["llamafactory", str(latex_build), "--out-dir", str(tmp_path), "--deepspeed", "3", "--max-steps", "5",
+               "--set", "save_steps=2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "train_lora.yaml" in out and "ds_z3_config.json" in out
+    assert load(tmp_path / "train_lora.yaml")["save_steps"] == 2
+    assert main(["llamafactory", str(tmp_path / "nope")]) != 0
+
+
+def test_argument_names_ship_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "llamafactory_args.json" in package_data["mmdata"], "add it to [tool.setuptools.package-data] mmdata = [...]"
