@@ -1,6 +1,12 @@
-"""The build summary printed at the end of every build: where the data is, what was read, written and rejected."""
+"""The build summary printed at the end of every build: where the data is, what was read, written and rejected.
+
+One headline (``read N  written N  rejected N``) and a table of the same exact counts from the manifest: datasets per
+split, records per source (mixtures), rejects per reason with their share of the rows read, then the files to open.
+"""
 
 from __future__ import annotations
+
+import json
 
 
 def format_summary(result) -> str:
@@ -14,16 +20,45 @@ def format_summary(result) -> str:
     else:
         lines.append(f"built {result.output_dir}")
     lines.append(f"  read {c['read']}  written {c['written']}  rejected {c['rejected']}")
-    for reason, n in c.get("rejected_by_reason", {}).items():
-        lines.append(f"    rejected  {n:>8}  {reason}")
+    rows: list[tuple[str, str, str, str]] = []
+    splits = _dataset_splits(result)
     for name, path in result.datasets.items():
-        split_counts = c.get("by_split", {})
-        split = name.rsplit("_", 1)[-1] if name.rsplit("_", 1)[-1] in split_counts else "train"
-        lines.append(f"  dataset {name:<30} {split_counts.get(split, 0):>8} records  {path}")
+        split = splits.get(name, "train")
+        rows.append(("dataset", name, _int(c.get("by_split", {}).get(split, 0)), f"{split:<6} {path}"))
     for source, n in c.get("by_source", {}).items():
-        lines.append(f"  source  {source:<30} {n:>8} records")
+        rows.append(("source", source, _int(n), f"{_share(n, c['written'])} of written"))
+    for reason, n in c.get("rejected_by_reason", {}).items():
+        rows.append(("rejected", reason, _int(n), f"{_share(n, c['read'])} of read"))
+    if rows:
+        width = max(len(r[1]) for r in rows)
+        count_width = max(7, *(len(r[2]) for r in rows))
+        lines.append("")
+        lines.append(f"  {'':<8}  {'name':<{width}}  {'records':>{count_width}}")
+        lines += [f"  {kind:<8}  {name:<{width}}  {n:>{count_width}}  {note}" for kind, name, n, note in rows]
+        lines.append("")
     if result.dataset_info:
         lines.append(f"  dataset_info: {result.dataset_info}")
     if c["rejected"]:
         lines.append(f"  rejects: {result.output_dir / 'rejects.jsonl'}")
+    if getattr(result, "report", None):
+        lines.append(f"  report: {result.report}")
     return "\n".join(lines)
+
+
+def _dataset_splits(result) -> dict[str, str]:
+    """Split of each dataset from the manifest; falls back to the name suffix when the manifest is unreadable."""
+    try:
+        datasets = json.loads(result.manifest.read_text(encoding="utf-8"))["datasets"]
+        return {name: d["split"] for name, d in datasets.items()}
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        by_split = result.counts.get("by_split", {})
+        return {name: name.rsplit("_", 1)[-1] if name.rsplit("_", 1)[-1] in by_split else "train"
+                for name in result.datasets}
+
+
+def _int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _share(n: int, total: int) -> str:
+    return f"{100 * n / total:.1f}%" if total else "-"
