@@ -1,0 +1,125 @@
+"""The trainer's settings: one validated pydantic model, read from YAML and overridden by CLI flags.
+
+Why one flat model: every option lives in one place with its default and its check, the CLI and the Python API
+fill the same object, and ``mmdata_train.json`` records exactly what ran. Options that cannot work together fail
+here, before a model is loaded, with a message that names the option (axolotl's habit).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import MmdataError
+
+# Every linear projection of the Qwen2-VL language model: the default LoRA targets (the tutorial's list too).
+LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainError(MmdataError):
+    """Training, prediction or export cannot start or failed: bad option, missing file, unsupported model."""
+
+    exit_code = 6
+
+
+class TrainConfig(BaseModel):
+    """All trainer options. Field names match the YAML keys and the ``--flag-names`` (dashes for underscores)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # what to train on
+    model: str = Field(description="local model folder or hub id (Qwen2-VL / Qwen2.5-VL)")
+    model_hub: Literal["huggingface", "modelscope"] = "huggingface"
+    dataset: str = Field(description="an mmdata build folder, or a dataset_info.json / its folder")
+    train_datasets: list[str] | None = Field(None, description="entry names; default: the build's train split")
+    val_datasets: list[str] | None = Field(None, description="entry names; default: the build's val split")
+    output_dir: str = "output"
+    max_samples: int | None = Field(None, ge=1, description="use at most this many training samples")
+
+    # LoRA
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_TARGETS),
+                                      description="leaf names of linear layers of the language model")
+    lora_vision: bool = Field(False, description="also adapt the vision blocks (qkv, proj, fc1, fc2)")
+    lora_merger: bool = Field(False, description="also adapt the vision-language merger MLP")
+    use_dora: bool = False
+    quantization_bit: Literal[4] | None = Field(None, description="QLoRA: 4-bit base weights (bitsandbytes, CUDA)")
+    freeze_vision: bool = Field(True, description="false: adapt the vision blocks too (same as lora_vision)")
+
+    # data
+    min_pixels: int = Field(28 * 28 * 4, ge=28 * 28)
+    max_pixels: int = Field(768 * 768, ge=28 * 28)
+    cutoff_len: int = Field(2048, ge=16)
+    batching: Literal["auto", "pad", "pack"] = Field(
+        "auto", description="pad: length-grouped padded micro-batches; pack: padding-free rows (flash-attn); "
+                            "auto: pack with flash attention, pad otherwise")
+    dataloader_num_workers: int | None = Field(None, ge=0, description="default: min(8, CPUs - 1)")
+
+    # optimisation
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
+
+    # bookkeeping
+    eval_steps: int | None = Field(None, ge=1, description="evaluate on the val split every N steps")
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+    resume: bool | str = Field(True, description="true: continue from the last checkpoint in output_dir if any; "
+                                                 "false: start over; a path: that checkpoint")
+    report_to: Literal["none", "tensorboard", "swanlab"] = "none"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_targets(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one linear layer, e.g. q_proj,v_proj")
+        if self.quantization_bit and self.deepspeed and "3" in Path(self.deepspeed).name:
+            raise ValueError("quantization_bit with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 or drop QLoRA")
+        return self
+
+
+def load_train_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """Read a YAML file (optional) and apply ``overrides`` (``None`` values are ignored, so CLI defaults never win)."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise TrainError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise TrainError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise TrainError(f"{path}: expected a mapping of option: value")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+        raise TrainError(f"invalid train config: {problems}") from None

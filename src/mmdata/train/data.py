@@ -1,0 +1,392 @@
+"""Training data for Qwen2-VL: mmdata / LLaMA-Factory records -> token ids, labels, M-RoPE positions, pixels.
+
+The data path, and why it is shaped like this:
+
+- Records are read with :mod:`mmdata.lfdata` (the same reader as ``mmdata validate``), so sharegpt and alpaca
+  output, custom ``columns``/``tags`` and folders of JSONL shards all work.
+- Text goes through the processor's own chat template. Each assistant turn's span is found by rendering the
+  conversation up to that turn (with and without it), so the labels are exactly the assistant content and its end
+  token (``<|im_end|>``) and every other token is ``-100``, whatever the template.
+- Text is tokenised once, up front, in segments (like LLaMA-Factory), which also gives every sample's exact length
+  before any image is decoded: the vision token count follows from the image size (Qwen2-VL's ``smart_resize``).
+  Samples longer than ``cutoff_len`` are dropped and counted, never cut (a cut could split an image's tokens).
+- Images are decoded, resized to that precomputed size and turned into patches in ``__getitem__``, i.e. in
+  DataLoader workers; the sample is built directly as tensors (no list round trips), and the 3-D M-RoPE positions
+  are computed there too, on the CPU, so the GPU step never runs ``get_rope_index``'s Python loops.
+- The collator makes either length-grouped padded micro-batches or one padding-free packed row per micro-batch
+  (with flash attention, where packing costs no attention FLOPs). It also precomputes which positions need
+  logits (those followed by a label), so the step projects only those onto the 151,936-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
+from .config import TrainError
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+BUILD_MANIFEST = "mmdata_build.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# which entries of a build are the train / val split
+
+
+def resolve_split(dataset: str | Path, split: str, names: list[str] | None = None) -> tuple[Path, list[str]]:
+    """``(dataset_info.json path, entry names)`` of one split of a build folder (or of a ``dataset_info.json``).
+
+    Names given explicitly win. Otherwise the build manifest's ``datasets`` map says which entry is which split;
+    without a manifest, entries named ``*_train`` / ``*_val`` are used, and a lone entry counts as ``train``.
+    """
+    path = Path(dataset)
+    info_path = path / DATA_CONFIG if path.is_dir() else path
+    info = read_dataset_info(info_path)
+    if names:
+        missing = [n for n in names if n not in info]
+        if missing:
+            raise TrainError(f"{info_path}: no entry {', '.join(missing)}; known entries: {', '.join(sorted(info))}")
+        return info_path, list(names)
+    manifest = info_path.parent / BUILD_MANIFEST
+    if manifest.exists():
+        datasets = json.loads(manifest.read_text(encoding="utf-8")).get("datasets", {})
+        found = [n for n, d in datasets.items() if (d or {}).get("split", "train") == split and n in info]
+        if found:
+            return info_path, found
+    found = [n for n in info if n.endswith(f"_{split}")]
+    if not found and split == "train" and len(info) == 1:
+        found = list(info)
+    return info_path, found
+
+
+def read_conversations(info_path: Path, names: list[str]) -> list[tuple[list, list[str]]]:
+    """``(turns, image paths resolved against the dataset folder)`` for every record of the named entries."""
+    info = read_dataset_info(info_path)
+    out = []
+    for name in names:
+        attr = parse_entry(name, info[name])
+        if attr.load_from != "file":
+            raise TrainError(f"entry {name!r} is not a local file ({attr.load_from}); build it with mmdata first")
+        for file in data_files(info_path.parent, attr):
+            for record in iter_file_records(file):
+                turns, images, _videos = to_turns(record, attr)
+                out.append((turns, [str(info_path.parent / p) if not Path(p).is_absolute() else p for p in images]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text: chat template -> segments -> token ids and labels
+
+
+def to_messages(turns: list) -> list[dict]:
+    """HF chat messages; a user/system ``<image>`` placeholder becomes an ``{"type": "image"}`` part in place."""
+    messages = []
+    for role, content in turns:
+        text = content if isinstance(content, str) else str(content)
+        if IMAGE_PLACEHOLDER in text and role != "assistant":
+            parts: list[dict] = []
+            for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if i:
+                    parts.append({"type": "image"})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def render_segments(tokenizer, messages: list[dict], chat_template: str) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into ``(text, is_label)`` segments.
+
+    For assistant turn k the template is rendered for ``messages[:k]`` with the generation prompt and for
+    ``messages[:k+1]``; the difference is the reply. Its label part runs up to and including the last end token
+    (``eos_token``, ``<|im_end|>`` for Qwen); what follows (the newline) is context, as in LLaMA-Factory.
+    """
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=gen)
+
+    full = render(messages, False)
+    eos = tokenizer.eos_token
+    segments, pos = [], 0
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:k], True))
+        end = len(render(messages[: k + 1], False))
+        reply = full[start:end]
+        cut = reply.rfind(eos) + len(eos) if eos and eos in reply else len(reply)
+        if start < pos or not full.startswith(render(messages[:k], True)):
+            raise ValueError("the chat template is not prefix-stable; cannot locate assistant turns")
+        segments += [(full[pos:start], False), (reply[:cut], True)]
+        pos = start + cut
+    segments.append((full[pos:], False))
+    return [(t, lab) for t, lab in segments if t]
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's resize rule (``image_processing_qwen2_vl.smart_resize``): sides multiples of ``factor``, area in
+    ``[min_pixels, max_pixels]``, aspect ratio kept. Copied (12 lines) so the length of a sample is known from the
+    image header alone, before any decoding; a test checks it against the processor's own output."""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise ValueError(f"aspect ratio of a {width}x{height} image is over 200")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def mrope_positions(input_ids: np.ndarray, grids: np.ndarray, image_token_id: int, merge: int) -> np.ndarray:
+    """3 x L M-RoPE position ids of one unpadded sample (what ``get_rope_index`` computes, done on the CPU).
+
+    Text tokens advance all three rows by one; an image block of ``t*h*w / merge**2`` tokens gets (temporal, row,
+    column) indices offset by the current position, and the next text starts after the block's largest index.
+    """
+    length = len(input_ids)
+    pos = np.empty((3, length), dtype=np.int64)
+    is_image = input_ids == image_token_id
+    current, i, image = 0, 0, 0
+    while i < length:
+        if is_image[i]:
+            t, h, w = (int(x) for x in grids[image])
+            h, w = h // merge, w // merge
+            n = t * h * w
+            block = np.indices((t, h, w)).reshape(3, n)
+            pos[:, i: i + n] = block + current
+            current += max(t, h, w)
+            i += n
+            image += 1
+        else:
+            j = i
+            while j < length and not is_image[j]:
+                j += 1
+            pos[:, i:j] = np.arange(current, current + j - i)
+            current += j - i
+            i = j
+    return pos
+
+
+@dataclass
+class EncodedSample:
+    """One sample before its images are decoded: token pieces, image paths and their target sizes."""
+
+    pieces: list[tuple[np.ndarray, bool]]  # token ids (image tokens already expanded), is_label
+    images: list[str]
+    sizes: list[tuple[int, int]]  # (height, width) after smart_resize
+    length: int
+
+
+@dataclass
+class EncodeStats:
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"kept": self.kept, "dropped": dict(self.dropped)}
+
+
+class SampleEncoder:
+    """Turns ``(turns, images)`` into :class:`EncodedSample` with a given tokenizer, template and pixel budget."""
+
+    def __init__(self, processor, *, min_pixels: int, max_pixels: int, cutoff_len: int):
+        self.tokenizer = processor.tokenizer
+        self.chat_template = processor.chat_template or self.tokenizer.chat_template
+        if not self.chat_template:
+            raise TrainError("the model's processor has no chat template: add chat_template.json to the model folder")
+        ip = processor.image_processor
+        self.patch = int(ip.patch_size)
+        self.merge = int(ip.merge_size)
+        self.min_pixels, self.max_pixels, self.cutoff_len = min_pixels, max_pixels, cutoff_len
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def target_size(self, path: str) -> tuple[int, int]:
+        with Image.open(path) as im:  # reads the header only
+            width, height = im.size
+        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+
+    def encode_all(self, conversations: list[tuple[list, list[str]]]) -> tuple[list[EncodedSample], EncodeStats]:
+        stats = EncodeStats()
+        rendered = []
+        for turns, images in conversations:
+            try:
+                messages = to_messages(turns)
+                n_placeholders = sum(1 for m in messages if isinstance(m["content"], list)
+                                     for p in m["content"] if p["type"] == "image")
+                if n_placeholders != len(images):
+                    raise ValueError(f"{n_placeholders} <image> placeholders but {len(images)} images")
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise ValueError("no assistant turn")
+                segments = render_segments(self.tokenizer, messages, self.chat_template)
+                sizes = [self.target_size(p) for p in images]
+            except (ValueError, OSError) as e:
+                stats.dropped[f"unreadable: {str(e).split(':')[0][:60]}"] += 1
+                continue
+            rendered.append((segments, images, sizes))
+        # one batched tokenizer call over every text piece of every sample (pieces split around image tokens)
+        texts = [piece for segs, _, _ in rendered for text, _ in segs for piece in text.split(self.image_token)]
+        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        samples = []
+        for segments, images, sizes in rendered:
+            counts = iter((h // self.patch) * (w // self.patch) // self.merge**2 for h, w in sizes)
+            pieces = []
+            for text, is_label in segments:
+                chunks = []
+                for k, _ in enumerate(text.split(self.image_token)):
+                    if k:
+                        chunks.append(np.full(next(counts), self.image_token_id, dtype=np.int64))
+                    chunks.append(np.asarray(next(ids), dtype=np.int64))
+                pieces.append((np.concatenate(chunks), is_label))
+            length = sum(len(p) for p, _ in pieces)
+            if length > self.cutoff_len:
+                stats.dropped["longer than cutoff_len"] += 1
+                continue
+            samples.append(EncodedSample(pieces, images, sizes, length))
+        stats.kept = len(samples)
+        return samples, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset and collator
+
+
+class VisionSFTDataset(torch.utils.data.Dataset):
+    """Map-style dataset: ``__getitem__`` decodes and patches the images and returns tensors (runs in workers)."""
+
+    def __init__(self, samples: list[EncodedSample], image_processor, image_token_id: int, merge: int,
+                 min_pixels: int = 3136, max_pixels: int = 12845056):
+        self.samples = samples
+        self.image_processor = image_processor
+        # the images arrive already resized to their smart_resize size; these bounds make the processor agree
+        self.pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self.image_token_id = image_token_id
+        self.merge = merge
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.length for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        input_ids = np.concatenate([p for p, _ in sample.pieces])
+        labels = np.concatenate([p if lab else np.full(len(p), IGNORE_INDEX, dtype=np.int64)
+                                 for p, lab in sample.pieces])
+        item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        grids = np.zeros((0, 3), dtype=np.int64)
+        if sample.images:
+            images = []
+            for path, (h, w) in zip(sample.images, sample.sizes, strict=False):
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB").resize((w, h), Image.BICUBIC))
+            out = self.image_processor(images=images, return_tensors="pt", **self.pixels)
+            item["pixel_values"] = out["pixel_values"]
+            item["image_grid_thw"] = out["image_grid_thw"]
+            grids = out["image_grid_thw"].numpy()
+        item["position_ids"] = torch.from_numpy(mrope_positions(input_ids, grids, self.image_token_id, self.merge))
+        return item
+
+
+class LengthGroupedBatchOrder(torch.utils.data.Sampler):
+    """Shuffled indices where each run of ``group`` consecutive indices has similar lengths.
+
+    Mega-batches of ``50 * group`` random samples are sorted by length and cut into groups, and the groups are
+    shuffled (HF's ``LengthGroupedSampler`` idea): padded micro-batches waste little, order stays random per epoch.
+    """
+
+    def __init__(self, lengths: list[int], group: int, seed: int = 0):
+        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.group * 50
+        groups = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])
+            groups += [chunk[i: i + self.group] for i in range(0, len(chunk), self.group)]
+        rng.shuffle(groups)
+        return iter([i for g in groups for i in g])
+
+
+@dataclass
+class VisionSFTCollator:
+    """Stacks samples into a micro-batch (padded, or one packed row) and marks which positions need logits.
+
+    ``logits_to_keep`` (positions followed by a label) and ``target_labels`` (those labels) let the step compute
+    the vocabulary projection and the loss only where it matters; ``labels`` stays for HF Trainer's token count.
+    """
+
+    pad_token_id: int
+    pack: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        if self.pack:
+            batch["input_ids"] = torch.cat([f["input_ids"] for f in features])[None]
+            labels = torch.cat([f["labels"] for f in features])[None]
+            text = torch.cat([torch.arange(len(f["input_ids"])) for f in features])
+            mrope = torch.cat([f["position_ids"] for f in features], dim=1)
+            batch["position_ids"] = torch.cat([text[None], mrope])[:, None, :]  # 4 x 1 x L: packed (HF convention)
+        else:
+            longest = max(len(f["input_ids"]) for f in features)
+            n = len(features)
+            batch["input_ids"] = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+            batch["attention_mask"] = torch.zeros((n, longest), dtype=torch.long)
+            batch["position_ids"] = torch.ones((3, n, longest), dtype=torch.long)
+            for row, f in enumerate(features):
+                size = len(f["input_ids"])
+                batch["input_ids"][row, :size] = f["input_ids"]
+                labels[row, :size] = f["labels"]
+                batch["attention_mask"][row, :size] = 1
+                batch["position_ids"][:, row, :size] = f["position_ids"]
+        pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+            batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features if "image_grid_thw" in f])
+        keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        batch["labels"] = labels
+        batch["logits_to_keep"] = keep
+        batch["target_labels"] = labels[:, keep + 1]
+        return batch
+
+
+def build_dataset(processor, conversations, *, min_pixels: int, max_pixels: int, cutoff_len: int,
+                  max_samples: int | None = None) -> tuple[VisionSFTDataset, EncodeStats]:
+    """Encode conversations into a :class:`VisionSFTDataset` plus the kept/dropped counts."""
+    if max_samples is not None:
+        conversations = conversations[:max_samples]
+    encoder = SampleEncoder(processor, min_pixels=min_pixels, max_pixels=max_pixels, cutoff_len=cutoff_len)
+    samples, stats = encoder.encode_all(conversations)
+    dataset = VisionSFTDataset(samples, processor.image_processor, encoder.image_token_id, encoder.merge,
+                               min_pixels=min_pixels, max_pixels=max_pixels)
+    return dataset, stats

@@ -1,0 +1,147 @@
+"""Load Qwen2-VL models and processors, pick dtype and attention, and attach LoRA adapters.
+
+Shared by training, prediction and export so all three load a model the same way. Works with transformers 4.5x
+and 5.x: the model class comes from ``AutoModelForImageTextToText`` (``AutoModelForVision2Seq`` before it), and
+LoRA targets are given to PEFT as full module names found by walking the model, so they do not depend on how a
+transformers version nests ``model.language_model`` / ``model.visual``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, TrainError
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+VISION_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+def resolve_model_path(model: str, hub: str = "huggingface") -> str:
+    """A local folder as is; a hub id downloaded through ModelScope when asked (transformers handles HF ids)."""
+    if Path(model).is_dir():
+        return model
+    if hub == "modelscope":
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise TrainError("model_hub: modelscope needs the modelscope package: pip install modelscope") from None
+        return snapshot_download(model)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(model).exists():
+        raise TrainError(f"{model}: not a local folder and HF_HUB_OFFLINE=1; pass the model folder")
+    return model
+
+
+def pick_dtype(precision: str) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp16 on CUDA, else fp32 (CPU)."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def pick_attention(name: str) -> str:
+    """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else PyTorch SDPA."""
+    if name == "auto":
+        return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+    if name == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        raise TrainError("attn_implementation: flash_attention_2 needs flash-attn: pip install flash-attn, or use sdpa")
+    return name
+
+
+def load_processor(path: str, *, fallback: str | None = None):
+    """``AutoProcessor`` of ``path``; tokenizer left-padded for generation, chat template checked."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError:
+        if fallback is None:
+            raise
+        processor = AutoProcessor.from_pretrained(fallback)
+    if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None):
+        processor.chat_template = processor.tokenizer.chat_template
+    return processor
+
+
+def model_class():
+    import transformers
+
+    return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+
+
+def load_model(path: str, *, dtype: torch.dtype | str, attn: str = "sdpa", quantization_bit: int | None = None):
+    """The base model in ``dtype`` with the chosen attention; 4-bit (QLoRA) only on CUDA with bitsandbytes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise TrainError(f"{path}: model_type {config.model_type!r} is not supported; the trainer handles "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    kwargs: dict = {"attn_implementation": attn}
+    if quantization_bit:
+        if not torch.cuda.is_available():
+            raise TrainError("quantization_bit: 4 (QLoRA) needs a CUDA GPU; drop quantization_bit to train in "
+                             "bf16/fp32 on this machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainError("quantization_bit: 4 needs bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    try:
+        return model_class().from_pretrained(path, dtype=dtype, **kwargs)
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        return model_class().from_pretrained(path, torch_dtype=dtype, **kwargs)
+
+
+def _is_vision(name: str) -> bool:
+    return "visual" in name.split(".")
+
+
+def lora_target_names(model, config: TrainConfig) -> list[str]:
+    """Full names of the linear layers to adapt; unknown ``target_modules`` fail with the list of valid names."""
+    linear = {name: module for name, module in model.named_modules() if _is_linear(module)}
+    language = {n for n in linear if not _is_vision(n) and not n.endswith("lm_head")}
+    valid = sorted({n.rsplit(".", 1)[-1] for n in language})
+    unknown = sorted(set(config.target_modules) - set(valid))
+    if unknown:
+        raise TrainError(f"Target modules {set(unknown)} not found in the language model; valid names: "
+                         f"{', '.join(valid)} (vision blocks: set lora_vision; merger: set lora_merger)")
+    names = [n for n in language if n.rsplit(".", 1)[-1] in config.target_modules]
+    if config.lora_vision or not config.freeze_vision:
+        names += [n for n in linear if _is_vision(n) and ".blocks." in n and n.rsplit(".", 1)[-1] in VISION_TARGETS]
+    if config.lora_merger:
+        names += [n for n in linear if _is_vision(n) and ".merger." in n]
+    return sorted(names)
+
+
+def _is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def attach_lora(model, config: TrainConfig):
+    """Freeze every base weight (vision tower included) and wrap the model with a LoRA adapter.
+
+    Base weights stay frozen in LoRA training; ``freeze_vision: false`` means "adapt the vision blocks too" (LoRA on
+    their linear layers), which keeps the saved adapter small and mergeable.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_names(model, config)
+    if config.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, use_dora=config.use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -1,0 +1,115 @@
+"""Batched generation on a split of an mmdata build: ``generated_predictions.jsonl`` and ``metrics.json``.
+
+The output matches LLaMA-Factory's ``do_predict`` (one JSON line per sample with ``prompt``, ``predict`` and
+``label``), so existing evaluation scripts keep working. The prompt is every turn before the last assistant turn,
+rendered with the processor's chat template; the label is that last assistant turn. Works with a base model, a base
+model plus a LoRA adapter (``--adapter``), or a merged export. Images are resized exactly as in training (the
+adapter's ``mmdata_train.json`` supplies ``min_pixels``/``max_pixels`` unless given).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import TrainError
+from .data import read_conversations, resolve_split, smart_resize, to_messages
+from .metrics import compute_metrics
+from .model import load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
+
+PREDICTIONS = "generated_predictions.jsonl"
+METRICS = "metrics.json"
+
+
+def _training_pixels(adapter: str | None) -> dict:
+    record = Path(adapter or "", "mmdata_train.json")
+    if adapter and record.exists():
+        cfg = json.loads(record.read_text()).get("config", {})
+        return {k: cfg[k] for k in ("min_pixels", "max_pixels") if k in cfg}
+    return {}
+
+
+def load_for_inference(model: str, adapter: str | None = None, *, precision: str = "auto",
+                       attn_implementation: str = "auto", model_hub: str = "huggingface"):
+    """``(model, processor)`` in eval mode: base, base + adapter, or a merged folder."""
+    model_path = resolve_model_path(model, model_hub)
+    processor = load_processor(adapter, fallback=model_path) if adapter else load_processor(model_path)
+    net = load_model(model_path, dtype=pick_dtype(precision), attn=pick_attention(attn_implementation))
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter, "adapter_config.json").exists():
+            raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
+        net = PeftModel.from_pretrained(net, adapter)
+    if torch.cuda.is_available():
+        net = net.to("cuda")
+    return net.eval(), processor
+
+
+def build_prompts(conversations, processor) -> list[dict]:
+    """``{"prompt", "images", "label"}`` per conversation that ends in an assistant turn."""
+    items = []
+    for turns, images in conversations:
+        messages = to_messages(turns)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        prompt = processor.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        items.append({"prompt": prompt, "images": images, "label": messages[last]["content"]})
+    return items
+
+
+def generate(net, processor, items: list[dict], *, batch_size: int, max_new_tokens: int, min_pixels: int,
+             max_pixels: int):
+    """Yield the decoded greedy continuation of each item, in order, ``batch_size`` prompts per ``generate``."""
+    ip = processor.image_processor
+    factor = int(ip.patch_size) * int(ip.merge_size)
+    processor.tokenizer.padding_side = "left"
+    device = next(net.parameters()).device
+    for start in range(0, len(items), batch_size):
+        batch = items[start: start + batch_size]
+        images = []
+        for item in batch:
+            for path in item["images"]:
+                with Image.open(path) as im:
+                    h, w = smart_resize(im.height, im.width, factor, min_pixels, max_pixels)
+                    images.append(im.convert("RGB").resize((w, h), Image.BICUBIC))
+        kwargs = {"images": images, "min_pixels": min_pixels, "max_pixels": max_pixels} if images else {}
+        enc = processor(text=[item["prompt"] for item in batch], padding=True, return_tensors="pt", **kwargs)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.inference_mode():
+            out = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=processor.tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        yield from processor.batch_decode(new, skip_special_tokens=True)
+
+
+def predict(model: str, dataset: str, output_dir: str, *, adapter: str | None = None, split: str = "val",
+            datasets: list[str] | None = None, batch_size: int = 8, max_new_tokens: int = 256,
+            max_samples: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+            precision: str = "auto", attn_implementation: str = "auto") -> dict:
+    """Generate for every sample of ``split``; write predictions and metrics to ``output_dir``; return metrics."""
+    info_path, names = resolve_split(dataset, split, datasets)
+    if not names:
+        raise TrainError(f"{info_path}: no {split} split found; pass --split or --datasets NAME")
+    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 768 * 768, **_training_pixels(adapter)}
+    pixels.update({k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v})
+    net, processor = load_for_inference(model, adapter, precision=precision,
+                                        attn_implementation=attn_implementation)
+    items = build_prompts(read_conversations(info_path, names), processor)[:max_samples]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = []
+    with open(out / PREDICTIONS, "w", encoding="utf-8") as f:
+        for item, text in zip(items, generate(net, processor, items, batch_size=batch_size,
+                                              max_new_tokens=max_new_tokens, **pixels), strict=False):
+            predictions.append(text)
+            f.write(json.dumps({"prompt": item["prompt"], "predict": text, "label": item["label"]},
+                               ensure_ascii=False) + "\n")
+    metrics = compute_metrics(predictions, [item["label"] for item in items])
+    metrics.update(split=split, datasets=names, adapter=adapter, model=model)
+    (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return metrics

@@ -1,0 +1,202 @@
+"""LoRA fine-tuning of Qwen2-VL on an mmdata build, through Hugging Face's ``Trainer``.
+
+Why HF ``Trainer``: checkpoints, ``trainer_state.json``, resume, DDP (``torchrun`` / ``accelerate launch``),
+DeepSpeed ZeRO-2/3, schedulers and loggers come from one well-kept library. This module only adds what it lacks for
+this workload: a length-grouped sampler over precomputed lengths, and a loss that projects onto the vocabulary only
+at positions followed by a label, in chunks, so micro-batches can be large without the logits tensor
+(tokens x 151,936) dominating memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import TrainConfig, TrainError
+from .data import LengthGroupedBatchOrder, VisionSFTCollator, build_dataset, read_conversations, resolve_split
+from .model import attach_lora, load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
+
+RUN_RECORD = "mmdata_train.json"
+LOSS_CHUNK = 1024  # positions per vocabulary-projection chunk in the loss
+
+
+def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Sum of token cross-entropies, upcasting to fp32 one chunk at a time (recomputed in backward).
+
+    ``F.cross_entropy`` on a whole fp32 copy of the logits would keep ``positions x vocab x 4`` bytes alive until
+    backward; checkpointing each chunk keeps only the (bf16) logits themselves.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1).to(logits.device)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk):
+        part, target = logits[start: start + chunk], targets[start: start + chunk]
+        if logits.requires_grad:
+            total = total + checkpoint(_ce_sum, part, target, use_reentrant=False)
+        else:
+            total = total + _ce_sum(part, target)
+    return total
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class VisionSFTTrainer(Trainer):
+        """HF ``Trainer`` with a length-grouped sampler and the logits-where-needed loss."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # our loss divides by the batch's label count itself
+
+        def _get_train_sampler(self, *args, **kwargs):
+            lengths = self.train_dataset.lengths
+            return LengthGroupedBatchOrder(lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            inputs.pop("labels", None)
+            keep, targets = inputs.pop("logits_to_keep"), inputs.pop("target_labels")
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits
+            if logits.shape[1] != keep.numel():  # transformers versions that ignore a tensor logits_to_keep
+                logits = logits[:, keep]
+            loss = chunked_cross_entropy_sum(logits, targets)
+            if num_items_in_batch is None:
+                loss = loss / (targets != -100).sum().clamp(min=1)
+            else:
+                loss = loss / num_items_in_batch
+                if getattr(self.args, "average_tokens_across_devices", False):
+                    loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return VisionSFTTrainer
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: int, has_eval: bool):
+    from transformers import TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
+    total = config.max_steps if config.max_steps > 0 else math.ceil(num_samples / per_step) * config.num_train_epochs
+    workers = config.dataloader_num_workers
+    if workers is None:
+        workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
+    if config.report_to == "swanlab" and importlib.util.find_spec("swanlab") is None:
+        raise TrainError("report_to: swanlab needs the swanlab package: pip install swanlab")
+    if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise TrainError("report_to: tensorboard needs the tensorboard package: pip install tensorboard")
+    kwargs = dict(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=int(config.warmup_ratio * total),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        deepspeed=config.deepspeed,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def _resume_point(config: TrainConfig) -> str | None:
+    if config.resume is False or config.resume in ("false", "no"):
+        return None
+    if isinstance(config.resume, str) and config.resume not in ("true", "yes", "auto"):
+        if not Path(config.resume).is_dir():
+            raise TrainError(f"resume: {config.resume} is not a checkpoint folder")
+        return config.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+
+
+def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=None) -> dict:
+    """Train a LoRA adapter; writes it, the processor, ``trainer_state.json`` and ``mmdata_train.json``.
+
+    ``callbacks`` are extra ``TrainerCallback``s; ``trainer_class`` a subclass of the one from ``_trainer_class()``
+    (the benchmark uses both for timing). Returns the run record (config, data counts, train metrics).
+    """
+    from transformers import set_seed
+
+    set_seed(config.seed)
+    model_path = resolve_model_path(config.model, config.model_hub)
+    processor = load_processor(model_path)
+    data_kwargs = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels, cutoff_len=config.cutoff_len)
+
+    info_path, train_names = resolve_split(config.dataset, "train", config.train_datasets)
+    if not train_names:
+        raise TrainError(f"{info_path}: no train split found; pass train_datasets (entry names)")
+    train_set, train_stats = build_dataset(processor, read_conversations(info_path, train_names),
+                                           max_samples=config.max_samples, **data_kwargs)
+    if len(train_set) == 0:
+        raise TrainError(f"no usable training sample in {', '.join(train_names)}: dropped {train_stats.dropped}")
+    _, val_names = resolve_split(config.dataset, "val", config.val_datasets)
+    val_set, val_stats = (build_dataset(processor, read_conversations(info_path, val_names), **data_kwargs)
+                          if val_names else (None, None))
+
+    dtype = pick_dtype(config.precision)
+    attn = pick_attention(config.attn_implementation)
+    pack = config.batching == "pack" or (config.batching == "auto" and attn.startswith("flash"))
+    # arguments before the model: with DeepSpeed ZeRO-3 this makes from_pretrained load weights partitioned
+    args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set))
+    model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
+                        config)
+    trainer = (trainer_class or _trainer_class())(callbacks=callbacks,
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
+        data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
+    result = trainer.train(resume_from_checkpoint=_resume_point(config))
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    record = {
+        "config": config.model_dump(),
+        "model_path": str(model_path),
+        "train_datasets": train_names,
+        "val_datasets": val_names,
+        "data": {"train": train_stats.as_dict(), "val": val_stats.as_dict() if val_stats else None},
+        "batching": "pack" if pack else "pad",
+        "attn_implementation": attn,
+        "dtype": str(dtype).removeprefix("torch."),
+        "metrics": result.metrics,
+        "global_step": trainer.state.global_step,
+    }
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(config.output_dir)
+        Path(config.output_dir, RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record

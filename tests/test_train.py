@@ -1,0 +1,316 @@
+"""The trainer end to end on CPU, with a tiny random Qwen2-VL and a small build folder written in tmp_path."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("torchvision")
+pytest.importorskip("sacrebleu")
+
+from PIL import Image  # noqa: E402
+
+from mmdata.train.config import TrainError, load_train_config  # noqa: E402
+from mmdata.train.data import (  # noqa: E402
+    VisionSFTCollator,
+    build_dataset,
+    read_conversations,
+    resolve_split,
+    smart_resize,
+    to_messages,
+)
+from mmdata.train.metrics import compute_metrics, edit_distance, rouge_l  # noqa: E402
+from mmdata.train.tiny import make_tiny_qwen2vl  # noqa: E402
+
+SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "system_tag": "system"}}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny") / "qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model)
+
+
+def write_build(root: Path, train: list[dict], val: list[dict]) -> Path:
+    """A build folder shaped like `mmdata build` output: dataset_info.json, split shards, manifest, images."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (130, 60), (220, 30, 30)).save(root / "images" / "red.png")
+    Image.new("RGB", (60, 90), (30, 200, 30)).save(root / "images" / "green.png")
+    info = {}
+    for name, records in (("toy_train", train), ("toy_val", val)):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "part-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        info[name] = {"file_name": name, **SHAREGPT}
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    (root / "mmdata_build.json").write_text(json.dumps({"datasets": {
+        "toy_train": {"split": "train", "count": len(train)}, "toy_val": {"split": "val", "count": len(val)}}}))
+    return root
+
+
+ONE_TURN = {"messages": [{"role": "user", "content": "<image>Write the formula."},
+                         {"role": "assistant", "content": "\\frac{a}{b} = c"}], "images": ["images/red.png"]}
+MULTI = {"messages": [{"role": "user", "content": "<image>What colour?"},
+                      {"role": "assistant", "content": "red"},
+                      {"role": "user", "content": "And <image> this one?"},
+                      {"role": "assistant", "content": "green \\alpha"}],
+         "images": ["images/red.png", "images/green.png"]}
+
+
+@pytest.fixture()
+def build_dir(tmp_path) -> Path:
+    return write_build(tmp_path / "build", [ONE_TURN] * 8, [ONE_TURN, MULTI])
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+
+
+def test_tiny_model_loads_like_a_real_checkpoint(tiny_model, processor):
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl" and config["rope_scaling"]["type"] == "mrope"
+    assert (tiny_model / "preprocessor_config.json").exists() and (tiny_model / "chat_template.json").exists()
+    tok = processor.tokenizer
+    for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("eos_token_id", "<|im_end|>")):
+        assert config[key] == tok.convert_tokens_to_ids(token)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    text = processor.apply_chat_template(to_messages([("user", "<image>hi")]), tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(tok("x^{2} \\frac{a}{b}").input_ids) == "x^{2} \\frac{a}{b}"
+    assert AutoConfig.from_pretrained(tiny_model).model_type == "qwen2_vl"
+    Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    assert sum(p.stat().st_size for p in tiny_model.iterdir()) < 5_000_000
+
+
+# ---------------------------------------------------------------------------------------------- data path
+
+
+def test_labels_are_exactly_the_assistant_tokens(build_dir, processor):
+    info, names = resolve_split(build_dir, "val")
+    assert names == ["toy_val"]
+    conversations = read_conversations(info, names)
+    dataset, stats = build_dataset(processor, conversations, min_pixels=3136, max_pixels=20000, cutoff_len=4096)
+    assert stats.kept == 2 and not stats.dropped
+    item = dataset[1]  # multi-turn, two images
+    ids, labels = item["input_ids"], item["labels"]
+    tok = processor.tokenizer
+    # token by token: every labelled position holds its own input token, and they spell the two replies + ends
+    labelled = labels != -100
+    assert torch.equal(labels[labelled], ids[labelled])
+    assert tok.decode(ids[labelled]) == "red<|im_end|>green \\alpha<|im_end|>"
+    expected = []
+    for reply in ("red", "green \\alpha"):
+        expected += tok(reply, add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert labels[labelled].tolist() == expected
+    # each labelled run starts right after "<|im_start|>assistant\n"
+    starts = [i for i in range(1, len(ids)) if labelled[i] and not labelled[i - 1]]
+    prefix = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert all(ids[s - len(prefix): s].tolist() == prefix for s in starts) and len(starts) == 2
+
+    # the same ids, pixels and grids as the HF processor on the rendered conversation, images in order
+    text = processor.apply_chat_template(to_messages(conversations[1][0]), tokenize=False)
+    sample = dataset.samples[1]
+    pairs = zip(sample.images, sample.sizes, strict=True)
+    images = [Image.open(p).convert("RGB").resize((w, h), Image.BICUBIC) for p, (h, w) in pairs]
+    ref = processor(text=[text], images=images, return_tensors="pt")
+    assert torch.equal(ref["input_ids"][0], ids)
+    assert torch.equal(ref["image_grid_thw"], item["image_grid_thw"])
+    assert torch.allclose(ref["pixel_values"], item["pixel_values"])
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert int((ids == image_id).sum()) == int(item["image_grid_thw"].prod(dim=1).sum()) // 4
+
+
+def test_mrope_positions_match_the_model(build_dir, processor, tiny_model):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    info, names = resolve_split(build_dir, "val")
+    conversations = read_conversations(info, names)
+    dataset, _ = build_dataset(processor, conversations, min_pixels=3136, max_pixels=20000, cutoff_len=4096)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    item = dataset[1]
+    ids = item["input_ids"][None]
+    kwargs = {}
+    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = (ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
+    positions, _ = model.model.get_rope_index(ids, image_grid_thw=item["image_grid_thw"],
+                                              attention_mask=torch.ones_like(ids), **kwargs)
+    assert torch.equal(positions[:, 0], item["position_ids"])
+
+
+def test_smart_resize_matches_the_processor(processor):
+    for width, height in ((130, 60), (60, 90), (1000, 40), (512, 512)):
+        h, w = smart_resize(height, width, 28, 3136, 50000)
+        out = processor.image_processor(images=[Image.new("RGB", (width, height))], return_tensors="pt",
+                                        min_pixels=3136, max_pixels=50000)
+        assert out["image_grid_thw"][0].tolist() == [1, h // 14, w // 14]
+
+
+def test_long_samples_are_dropped_and_counted(build_dir, processor):
+    info, names = resolve_split(build_dir, "val")
+    _, stats = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=20000,
+                             cutoff_len=60)
+    assert stats.kept == 1 and stats.dropped == {"longer than cutoff_len": 1}
+
+
+def test_packed_and_padded_batches_give_the_same_loss(build_dir, processor, tiny_model):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from mmdata.train.trainer import chunked_cross_entropy_sum
+
+    info, names = resolve_split(build_dir, "val")
+    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=20000,
+                               cutoff_len=4096)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    losses = []
+    for pack in (False, True):
+        batch = VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack)([dataset[0], dataset[1]])
+        labels, keep, targets = batch.pop("labels"), batch.pop("logits_to_keep"), batch.pop("target_labels")
+        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+        logits = logits if logits.shape[1] == keep.numel() else logits[:, keep]
+        losses.append(chunked_cross_entropy_sum(logits, targets, chunk=7) / (labels != -100).sum())
+    # the reference: the model's own loss over the full logits of the padded batch
+    batch = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    batch.pop("logits_to_keep"), batch.pop("target_labels")
+    reference = model(**batch, use_cache=False).loss
+    assert losses[0].item() == pytest.approx(reference.item(), rel=1e-5)
+    assert losses[1].item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_unknown_target_modules_fail_with_the_valid_names(tiny_model, build_dir, tmp_path):
+    from mmdata.train.trainer import train
+
+    config = load_train_config(None, model=str(tiny_model), dataset=str(build_dir), output_dir=str(tmp_path / "o"),
+                               target_modules="c_attn,q_proj")
+    with pytest.raises(TrainError, match=r"Target modules \{'c_attn'\} not found.*valid names: down_proj, "
+                                         r"gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+        train(config)
+
+
+def test_config_errors_name_the_option(tmp_path):
+    with pytest.raises(TrainError, match="lora_r"):
+        load_train_config(None, model="m", dataset="d", lora_r=0)
+    with pytest.raises(TrainError, match="min_pixels"):
+        load_train_config(None, model="m", dataset="d", min_pixels=10**6, max_pixels=10**5)
+    (tmp_path / "t.yaml").write_text("model: m\ndataset: d\nlora_rank: 8\n")
+    with pytest.raises(TrainError, match="lora_rank"):
+        load_train_config(tmp_path / "t.yaml")
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_model):
+    from mmdata.train.model import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(TrainError, match="needs a CUDA GPU"):
+        load_model(str(tiny_model), dtype=torch.float32, quantization_bit=4)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics():
+    assert edit_distance("kitten", "sitting") == 3
+    assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1.0 / 1.75)
+    m = compute_metrics(["x^{2}  + 1", "abc"], ["x^{2} + 1", "abd"])
+    assert m["exact_match"] == 0.5 and m["cer"] == pytest.approx((0 + 1 / 3) / 2, abs=1e-6)
+    assert 0 <= m["bleu"] <= 100 and 0 <= m["rouge_l"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _train_cli(tiny_model, build_dir, out, steps, *extra):
+    import argparse
+
+    from mmdata.train.cli import add_train_commands
+
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--model", str(tiny_model), "--dataset", str(build_dir), "--output-dir",
+                              str(out), "--max-steps", str(steps), "--learning-rate", "1e-2", "--lora-r", "16",
+                              "--lora-alpha", "32", "--lora-dropout", "0", "--per-device-train-batch-size", "4",
+                              "--gradient-accumulation-steps", "1", "--logging-steps", "1", "--save-steps", "10",
+                              "--no-gradient-checkpointing", "--min-pixels", "3136", "--max-pixels", "20000", *extra])
+    assert args.func(args) == 0
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+def test_train_resume_predict_export(tiny_model, build_dir, tmp_path):
+    out = tmp_path / "run"
+    state = _train_cli(tiny_model, build_dir, out, 20)
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 20 and len(losses) == 20
+    assert losses[-1] <= losses[0] / 2, losses  # 8 repeated samples are memorised
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-20").is_dir()
+    record = json.loads((out / "mmdata_train.json").read_text())
+    assert record["data"]["train"] == {"kept": 8, "dropped": {}} and record["batching"] == "pad"
+
+    # resume: a later max_steps continues from checkpoint-20 instead of starting over
+    state = _train_cli(tiny_model, build_dir, out, 24)
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 24 and steps[-4:] == [21, 22, 23, 24]
+
+    # predict with base + adapter: LLaMA-Factory's file and the metrics
+    from mmdata.train.predict import predict
+
+    pred_dir = tmp_path / "pred"
+    metrics = predict(str(tiny_model), str(build_dir), str(pred_dir), adapter=str(out), max_new_tokens=12,
+                      batch_size=2)
+    rows = [json.loads(line) for line in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]) == {"prompt", "predict", "label"}
+    assert rows[1]["label"] == "green \\alpha" and rows[1]["prompt"].endswith("<|im_start|>assistant\n")
+    saved = json.loads((pred_dir / "metrics.json").read_text())
+    assert {"exact_match", "cer", "bleu", "rouge_l"} <= set(saved) and saved["count"] == 2 == metrics["count"]
+
+    # export: merged weights + processor with chat template; same greedy tokens as base + adapter
+    from transformers import AutoProcessor
+
+    from mmdata.train.export import export
+    from mmdata.train.predict import build_prompts, generate, load_for_inference
+
+    merged_dir = export(str(tiny_model), str(out), str(tmp_path / "merged"))
+    exported = AutoProcessor.from_pretrained(merged_dir)
+    assert exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                        add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    info, names = resolve_split(build_dir, "val")
+    outputs = []
+    for model, adapter in ((str(tiny_model), str(out)), (str(merged_dir), None)):
+        net, proc = load_for_inference(model, adapter)
+        items = build_prompts(read_conversations(info, names), proc)
+        outputs.append(list(generate(net, proc, items, batch_size=2, max_new_tokens=12, min_pixels=3136,
+                                     max_pixels=20000)))
+    assert outputs[0] == outputs[1]
+    merged_metrics = predict(str(merged_dir), str(build_dir), str(tmp_path / "pred_merged"), max_new_tokens=12,
+                             min_pixels=3136, max_pixels=20000)
+    assert merged_metrics["count"] == 2
+
+
+def test_cli_registration_does_not_import_torch():
+    code = ("import argparse, sys\nfrom mmdata.train.cli import add_train_commands\n"
+            "p = argparse.ArgumentParser(); add_train_commands(p.add_subparsers(dest='c'))\n"
+            "a = p.parse_args(['train', '--model', 'm', '--dataset', 'd', '--max-steps', '3'])\n"
+            "assert a.max_steps == 3 and a.learning_rate is None\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
