@@ -2,8 +2,9 @@
 
 import re
 
-from mmdata.recipes import Recipe
 from tests.conftest import REPO
+
+from mmdata.recipes import Recipe
 
 
 def test_every_recipe_key_is_documented():

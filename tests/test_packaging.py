@@ -6,9 +6,9 @@ import venv
 from pathlib import Path
 
 import pytest
+from tests.conftest import REPO
 
 from mmdata.sources import get_source_class, source_types
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,9 @@ def test_entry_point_source_plugin(tmp_path, monkeypatch):
     assert "shout" in source_types()
     assert get_source_class("shout").__name__ == "ShoutSource"
 
-    import mmdata
     from tests.conftest import read_jsonl_dir, write_recipe
+
+    import mmdata
 
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "shout", "source": {"type": "shout", "words": ["hi", "yo"]},
                                                  "fields": {"question": "question", "answer": "answer"},
