@@ -21,6 +21,7 @@ fingerprint equal and returns at once ("up to date") without writing anything.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -46,6 +47,7 @@ from .normalize import Draft, effective_fields, normalize_row
 from .recipes import Recipe, Split
 from .samples import Sample
 from .sources import Source, open_source
+from .tokens import LF_CUTOFF_LEN, TokenBudget, token_counter
 from .writers.llamafactory import (
     dataset_info_entry,
     fill_optional_keys,
@@ -177,6 +179,16 @@ class RowRange:
         return self.stop - self.start
 
 
+def _token_budget(recipe: Recipe, data: dict | None = None) -> TokenBudget:
+    """Token lengths of written records (estimated, at the image budget LLaMA-Factory will use) vs its default
+    cutoff_len: the build summary's ``tokens`` line and the manifest's ``tokens``, which ``mmdata llamafactory``
+    turns into ``cutoff_len``."""
+    counter = dataclasses.replace(token_counter(None, recipe.images.max_pixels),
+                                  label="estimated (mmdata validate --tokenizer DIR counts exactly)")
+    options = {"cutoff_len": LF_CUTOFF_LEN, "counter": counter}
+    return TokenBudget.from_json(data, **options) if data else TokenBudget(**options)
+
+
 @dataclass
 class TaskStats:
     task: int
@@ -184,15 +196,18 @@ class TaskStats:
     written: int = 0
     rejected: Counter = field(default_factory=Counter)
     by_source: Counter = field(default_factory=Counter)
+    tokens: dict | None = None  # TokenBudget.to_json() of the written records
+    max_answer_tokens: int = 0
 
     def to_json(self) -> dict:
         return {"task": self.task, "read": self.read, "written": self.written,
-                "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items()))}
+                "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items())),
+                "tokens": self.tokens, "max_answer_tokens": self.max_answer_tokens}
 
     @classmethod
     def from_json(cls, data: dict) -> TaskStats:
         return cls(data["task"], data["read"], data["written"], Counter(data["rejected"]),
-                   Counter(data.get("by_source", {})))
+                   Counter(data.get("by_source", {})), data.get("tokens"), data.get("max_answer_tokens", 0))
 
 
 @dataclass
@@ -211,13 +226,19 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
     if isinstance(rows, RowRange):
         rows = zip(itertools.count(rows.start), ctx.source.read_rows(rows.start, rows.stop))
     stats = TaskStats(task)
+    budget = _token_budget(ctx.recipe)
     lines: list[str] = []
     rejects: list[str] = []
     for position, row in rows:
         stats.read += 1
         source_name = row.pop("__source__", None) if isinstance(row, dict) else None
         try:
-            lines.append(_process_row(ctx, task, position, row))
+            line, sample, sizes = _process_row(ctx, task, position, row)
+            lines.append(line)
+            turns = [(m.role, m.content) for m in sample.messages]
+            budget.add(turns, sizes)
+            stats.max_answer_tokens = max([stats.max_answer_tokens, *(
+                budget.counter.text(content) for role, content in turns if role == "assistant")])
         except SampleError as e:
             stats.rejected[e.kind] += 1
             rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
@@ -225,6 +246,7 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
         stats.written += 1
         if source_name:
             stats.by_source[source_name] += 1
+    stats.tokens = budget.to_json()
     _write_lines(layout.part(task), lines)
     _write_lines(layout.rejects_part(task), rejects)
     marker = layout.marker(task)
@@ -233,7 +255,8 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
     return stats
 
 
-def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> str:
+def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple[str, Sample, list[tuple[int, int]]]:
+    """The line written for one row, its sample, and the sizes of its images."""
     recipe, layout = ctx.recipe, ctx.layout
     draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
     prepared = [_prepare_image(ref, recipe) for ref in draft.images]
@@ -253,7 +276,7 @@ def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> str:
             link_or_copy(img.ref_path, path, img.data)
         else:
             write_new_image(path, img.data)
-    return record_json(sample, recipe.output.format)
+    return record_json(sample, recipe.output.format), sample, [(img.width, img.height) for img in prepared]
 
 
 def _short(err: dict) -> str:
@@ -405,6 +428,7 @@ class BuildResult:
     manifest: Path | None = None
     shard: tuple[int, int] = (0, 1)
     report: Path | None = None
+    tokens: dict | None = None  # the manifest's token budget (estimated lengths vs LLaMA-Factory's cutoff_len)
 
     @property
     def read(self) -> int:
@@ -636,6 +660,12 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     if by_source:
         counts["by_source"] = dict(sorted(by_source.items()))
     assert counts["read"] == counts["written"] + counts["rejected"], counts
+    budget = _token_budget(recipe)
+    for s in stats:
+        if s.tokens:
+            budget.merge(_token_budget(recipe, s.tokens))
+    tokens = {**budget.summary(), "max_answer": max((s.max_answer_tokens for s in stats), default=0),
+              "summary": budget.format()}
     return {
         "mmdata_version": __version__,
         "name": recipe.name,
@@ -646,6 +676,7 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
         "datasets": datasets,
         "counts": counts,
         "image_max_pixels": recipe.images.max_pixels,
+        "tokens": tokens,
         "recipe": recipe.model_dump(mode="json"),
     }
 
@@ -663,7 +694,8 @@ def _registered(layout: Layout, manifest: dict, recipe: Recipe) -> bool:
 def _result_from_manifest(layout: Layout, manifest: dict, up_to_date: bool = False) -> BuildResult:
     datasets = {name: layout.dataset_info.parent / d["file_name"] for name, d in manifest["datasets"].items()}
     return BuildResult(layout.root, layout.dataset_info if datasets else None, datasets, manifest["counts"],
-                       up_to_date=up_to_date, manifest=layout.root / MANIFEST, shard=tuple(manifest["shard"]))
+                       up_to_date=up_to_date, manifest=layout.root / MANIFEST, shard=tuple(manifest["shard"]),
+                       tokens=manifest.get("tokens"))
 
 
 def _read_json(path: Path) -> dict | None:

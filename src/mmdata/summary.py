@@ -1,7 +1,8 @@
 """The build summary printed at the end of every build: where the data is, what was read, written and rejected.
 
 One headline (``read N  written N  rejected N``) and a table of the same exact counts from the manifest: datasets per
-split, records per source (mixtures), rejects per reason with their share of the rows read, then the files to open.
+split, records per source (mixtures), rejects per reason with their share of the rows read, the token budget, then the
+files to open.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def format_summary(result) -> str:
         lines.append(f"  {'':<8}  {'name':<{width}}  {'records':>{count_width}}")
         lines += [f"  {kind:<8}  {name:<{width}}  {n:>{count_width}}  {note}" for kind, name, n, note in rows]
         lines.append("")
+    tokens = getattr(result, "tokens", None)
+    if tokens and tokens.get("records"):
+        lines.append(f"  {tokens['summary']}")
     if result.dataset_info:
         lines.append(f"  dataset_info: {result.dataset_info}")
     if c["rejected"]:

@@ -39,6 +39,7 @@ FACTOR = PATCH_SIZE * MERGE_SIZE  # 28
 # Qwen2-VL chat template, as LLaMA-Factory's ``qwen2_vl`` template writes it (token counts of the Qwen2 tokenizer):
 #   "<|im_start|>" role "\n" content "<|im_end|>" "\n"   -> 3 tokens before the content, 2 after.
 TURN_OVERHEAD = 5
+LF_CUTOFF_LEN = 2048  # LLaMA-Factory's default cutoff_len, what a build's summary measures against
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_SYSTEM_TOKENS = 6  # its length in Qwen2 tokens
 VISION_WRAPPER = 2  # <|vision_start|> ... <|vision_end|>
@@ -237,6 +238,19 @@ class TokenBudget:
         self.max_tokens = max(self.max_tokens, other.max_tokens)
         self._hist.update(other._hist)
         self.over_examples = (self.over_examples + other.over_examples)[:5]
+
+    def to_json(self) -> dict:
+        """The counts only (a build's task markers carry them to finalize); see :meth:`from_json`."""
+        return {"count": self.count, "over": self.over, "max": self.max_tokens, "total": self.total_tokens,
+                "hist": {str(b): n for b, n in sorted(self._hist.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict, **options) -> TokenBudget:
+        budget = cls(**options)
+        budget.count, budget.over, budget.max_tokens = data["count"], data["over"], data["max"]
+        budget.total_tokens = data["total"]
+        budget._hist = Counter({int(b): n for b, n in data["hist"].items()})
+        return budget
 
     def percentile(self, q: float = 0.99) -> int:
         """The smallest length (rounded up to a bin edge, capped at the max) that ``q`` of the records fit in."""
