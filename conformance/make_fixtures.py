@@ -8,7 +8,7 @@ Runs in mmdata's own environment (``python conformance/make_fixtures.py WORK``) 
   sharegpt as JSON arrays, alpaca, the built-in ``latex_ocr_sample``) and one entry that is not mmdata's;
 - ``broken/``: a copy of a build with one record whose ``<image>`` count does not match its images;
 - ``expected.json``: for every dataset, the record count and the ``<|image_pad|>`` tokens mmdata predicts per record
-  (``mmdata.lfconfig.image_tokens``), which the LLaMA-Factory side (``lf_checks.py``) compares with what it got.
+  (``mmdata.tokens.image_tokens``), which the LLaMA-Factory side (``lf_checks.py``) compares with what it got.
 
 It also checks that ``mmdata validate`` rejects the broken copy (and accepts the good builds) before LLaMA-Factory
 ever sees them.
@@ -26,8 +26,9 @@ import yaml
 from PIL import Image, ImageDraw
 
 import mmdata
-from mmdata.lfconfig import BuildDatasets, image_tokens, read_build
+from mmdata.lfconfig import BuildDatasets, read_build
 from mmdata.lfdata import iter_dataset
+from mmdata.tokens import image_tokens
 
 # (width, height): below, around and above LLaMA-Factory's default image_max_pixels (589824), odd aspect ratios.
 SIZES = [(64, 48), (300, 200), (1200, 900), (90, 400), (28, 28), (800, 600)]
@@ -103,8 +104,9 @@ def expected_for(build: BuildDatasets, image_max_pixels: int, processor: dict) -
                 n = 0
                 for image in images:
                     with Image.open(build.dataset_dir / image) as im:
-                        n += image_tokens(*im.size, image_max_pixels=image_max_pixels,
-                                          min_pixels=processor["min_pixels"], max_pixels=processor["max_pixels"])
+                        n += image_tokens(*im.size, max_pixels=image_max_pixels,
+                                          processor_min_pixels=processor["min_pixels"],
+                                          processor_max_pixels=processor["max_pixels"])
                 tokens.append(n)
             count = build.manifest["datasets"][name]["count"]
             assert count == len(tokens), (name, count, len(tokens))

@@ -14,10 +14,10 @@ from mmdata.lfconfig import (
     LF_IMAGE_MAX_PIXELS,
     LlamaFactoryConfigError,
     check_keys,
-    image_tokens,
     llamafactory_argument_names,
     write_llamafactory_configs,
 )
+from mmdata.tokens import image_tokens
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_image_tokens_match_qwen2vl_in_llamafactory():
     assert image_tokens(28, 28) == 4          # upscaled to Qwen2-VL's min_pixels (56x56)
     assert image_tokens(300, 200) == 77       # 308x196 -> 22x14 patches -> /4
     assert image_tokens(1200, 900) == 768     # first downscaled to image_max_pixels (768*768) by LLaMA-Factory
-    assert image_tokens(1200, 900, image_max_pixels=40000) == 48  # 230x173 -> 224x168 -> 16x12 patches -> /4
+    assert image_tokens(1200, 900, max_pixels=40000) == 48  # 230x173 -> 224x168 -> 16x12 patches -> /4
 
 
 def test_not_a_build_folder(tmp_path):

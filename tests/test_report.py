@@ -143,7 +143,8 @@ def test_statistics_come_from_a_bounded_seeded_sample(build_dir, tmp_path):
 def test_qwen2_vl_image_tokens():
     assert smart_resize_tokens(224, 224) == 64  # 8x8 blocks of 28 pixels
     assert smart_resize_tokens(1000, 1000) == 27 * 27  # scaled to 768x768 first, then snapped to 756x756
-    assert smart_resize_tokens(1000, 1000, max_pixels=1024 * 1024) == 35 * 35  # 36x36 is over the processor cap
+    # Qwen2-VL-*-Instruct's processor allows up to 12845056 pixels: 1008x1008 stays
+    assert smart_resize_tokens(1000, 1000, max_pixels=1024 * 1024) == 36 * 36
     assert smart_resize_tokens(10, 10) == 4  # tiny images are scaled up to the processor's 56x56 minimum
 
 

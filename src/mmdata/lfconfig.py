@@ -28,23 +28,14 @@ import yaml
 
 from .errors import MmdataError
 from .lfdata import DATA_CONFIG, iter_dataset
+from .tokens import IMAGE_MAX_PIXELS, estimate_text_tokens, record_tokens
 
 MANIFEST = "mmdata_build.json"
 ARGS_FILE = "llamafactory_args.json"
 TEMPLATE = "qwen2_vl"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 
-# LLaMA-Factory's ModelArguments defaults (hparams/model_args.py) and the Qwen2-VL image processor's defaults
-# (preprocessor_config.json of the Qwen2-VL checkpoints): together they decide how many tokens an image costs.
-LF_IMAGE_MAX_PIXELS = 768 * 768
-LF_IMAGE_MIN_PIXELS = 32 * 32
-QWEN2VL_MIN_PIXELS = 56 * 56
-QWEN2VL_MAX_PIXELS = 12845056  # as in Qwen2-VL-*-Instruct/preprocessor_config.json
-QWEN2VL_PATCH = 14
-QWEN2VL_MERGE = 2
-# Tokens the qwen2_vl template adds around each turn (<|im_start|>role\n ... <|im_end|>\n) and its default system.
-TURN_OVERHEAD = 5
-DEFAULT_SYSTEM_TOKENS = 6
+LF_IMAGE_MAX_PIXELS = IMAGE_MAX_PIXELS  # LLaMA-Factory's default image_max_pixels
 CUTOFF_STEP = 128
 DS_STAGES = (0, 2, 3)
 
@@ -123,69 +114,8 @@ def read_build(build_dir: str | Path) -> BuildDatasets:
 # --------------------------------------------------------------------------------------------------- token budget
 
 
-def smart_resize(height: int, width: int, min_pixels: int = QWEN2VL_MIN_PIXELS, max_pixels: int = QWEN2VL_MAX_PIXELS,
-                 factor: int = QWEN2VL_PATCH * QWEN2VL_MERGE) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (transformers ``image_processing_qwen2_vl.smart_resize``): sides a multiple of 28."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def lf_image_size(width: int, height: int, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
-                  image_min_pixels: int = LF_IMAGE_MIN_PIXELS) -> tuple[int, int]:
-    """The size LLaMA-Factory's Qwen2-VL plugin hands the processor (``mm_plugin._preprocess_image``)."""
-    if width * height > image_max_pixels:
-        scale = math.sqrt(image_max_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    if width * height < image_min_pixels:
-        scale = math.sqrt(image_min_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    if min(width, height) < 28:
-        width, height = max(width, 28), max(height, 28)
-    if width / height > 200:
-        width = height * 180
-    if height / width > 200:
-        height = width * 180
-    return width, height
-
-
-def image_tokens(width: int, height: int, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
-                 image_min_pixels: int = LF_IMAGE_MIN_PIXELS, min_pixels: int = QWEN2VL_MIN_PIXELS,
-                 max_pixels: int = QWEN2VL_MAX_PIXELS) -> int:
-    """``<|image_pad|>`` tokens one image of ``width`` x ``height`` becomes in LLaMA-Factory with Qwen2-VL."""
-    w, h = lf_image_size(width, height, image_max_pixels, image_min_pixels)
-    h_bar, w_bar = smart_resize(h, w, min_pixels, max_pixels)
-    return (h_bar // QWEN2VL_PATCH) * (w_bar // QWEN2VL_PATCH) // (QWEN2VL_MERGE ** 2)
-
-
-def text_tokens(text: str) -> int:
-    """An upper-leaning estimate of Qwen2 tokenizer tokens: ~2.5 ASCII chars per token, one per other character.
-
-    Measured Qwen2 rates are about 4 chars/token for English prose and 2.5-3 for LaTeX/code; CJK is ~1-1.5 chars per
-    token. ``mmdata.tokens`` (when present) or the manifest's token stats take precedence over this fallback.
-    """
-    ascii_chars = sum(1 for c in text if ord(c) < 128)
-    return math.ceil(ascii_chars / 2.5) + (len(text) - ascii_chars)
-
-
-def _text_estimator():
-    try:  # the shared estimator, when the build installs one
-        from . import tokens
-    except ImportError:
-        return text_tokens
-    return getattr(tokens, "estimate_text_tokens", None) or getattr(tokens, "text_tokens", None) or text_tokens
-
-
 @dataclass
-class TokenBudget:
+class BuildTokens:
     """Longest record (prompt + answer + image tokens, with template overhead) and longest answer, in tokens."""
 
     max_tokens: int
@@ -194,37 +124,33 @@ class TokenBudget:
     source: str  # "manifest" or "measured"
 
 
-def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS) -> TokenBudget:
-    """The token budget of every dataset of a build: from the manifest's ``tokens`` stats, else by reading the data."""
+def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS) -> BuildTokens:
+    """The token lengths of every dataset of a build: from the manifest's ``tokens`` (counted while building), else
+    by reading the data (builds from older versions)."""
     stats = build.manifest.get("tokens")
     if isinstance(stats, dict) and stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels:
-        return TokenBudget(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
+        return BuildTokens(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
                            int(stats.get("records", 0)), "manifest")
     from PIL import Image
 
-    estimate = _text_estimator()
+    from .tokens import token_counter
+
+    counter = token_counter(None, image_max_pixels)
     longest = longest_answer = records = 0
     sizes: dict[str, tuple[int, int]] = {}
     for names in build.splits.values():
         for name in names:
             for turns, images, _videos in iter_dataset(build.dataset_dir / DATA_CONFIG, name):
                 records += 1
-                total = 0 if any(role == "system" for role, _ in turns) else DEFAULT_SYSTEM_TOKENS + TURN_OVERHEAD
-                for role, content in turns:
-                    n = estimate(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
-                    total += n + TURN_OVERHEAD
-                    if role == "assistant":
-                        longest_answer = max(longest_answer, n)
                 for image in images:
-                    if not isinstance(image, str):
-                        continue
-                    if image not in sizes:
+                    if isinstance(image, str) and image not in sizes:
                         path = Path(image) if Path(image).is_absolute() else build.dataset_dir / image
                         with Image.open(path) as im:
                             sizes[image] = im.size
-                    total += image_tokens(*sizes[image], image_max_pixels=image_max_pixels) + 2  # vision start/end
-                longest = max(longest, total)
-    return TokenBudget(longest, longest_answer, records, "measured")
+                turns = [(role, c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)) for role, c in turns]
+                longest = max(longest, record_tokens(turns, [sizes[i] for i in images if isinstance(i, str)], counter))
+                longest_answer = max([longest_answer, *(estimate_text_tokens(c) for r, c in turns if r == "assistant")])
+    return BuildTokens(longest, longest_answer, records, "measured")
 
 
 def round_up(n: int, step: int = CUTOFF_STEP) -> int:

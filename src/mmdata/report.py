@@ -12,8 +12,8 @@ Where numbers come from, so a 50k- or 5M-record build reports in seconds:
   drawn while the records are streamed once through :mod:`mmdata.lfdata` (memory holds the sample, never the
   dataset). Image width/height are read from file headers only; the only full decodes are the gallery thumbnails.
 
-Token counts: a real tokenizer when one is given (``tokenizer=``), otherwise :mod:`mmdata.tokens`' estimator when the
-module is present, otherwise a character-class estimate labelled as such. Image tokens follow Qwen2-VL exactly:
+Token counts: a real tokenizer when one is given (``tokenizer=``), otherwise :mod:`mmdata.tokens`' estimator,
+labelled as such. Image tokens follow Qwen2-VL exactly:
 LLaMA-Factory first scales an image down to ``image_max_pixels`` (default 768*768) and the processor then snaps it
 to 28-pixel multiples (``smart_resize``), one token per 28x28 block.
 """
@@ -37,14 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, lfdata
+from . import tokens as qwen_tokens
 from .errors import MmdataError
 
 REPORT_DIR = "report"
 MANIFEST = "mmdata_build.json"
 SAMPLE_RECORDS = 10_000
-LF_IMAGE_MAX_PIXELS = 768 * 768  # LLaMA-Factory's default image_max_pixels
-LF_IMAGE_MIN_PIXELS = 32 * 32  # LLaMA-Factory's default image_min_pixels
-LF_CUTOFF_LEN = 2048  # LLaMA-Factory's default cutoff_len
+LF_IMAGE_MAX_PIXELS = qwen_tokens.IMAGE_MAX_PIXELS  # LLaMA-Factory's default image_max_pixels
+LF_IMAGE_MIN_PIXELS = qwen_tokens.IMAGE_MIN_PIXELS  # LLaMA-Factory's default image_min_pixels
+LF_CUTOFF_LEN = qwen_tokens.LF_CUTOFF_LEN
 MAX_PIXEL_CHOICES = (256 * 256, 512 * 512, 768 * 768, 1024 * 1024)
 REJECT_EXAMPLES = 3  # rejected rows shown per reason
 REJECT_SCAN_LINES = 200_000  # rejects.jsonl lines read at most while looking for examples
@@ -53,9 +54,9 @@ TEXT_LIMIT = 1500  # characters of one message shown in the gallery
 PLACEHOLDER = re.compile(r"<image>|<video>|<audio>")
 # Qwen2-VL chat template: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" when a record has no system
 # prompt, "<|im_start|>{role}\n ... <|im_end|>\n" around every message, <|vision_start|>/<|vision_end|> per image.
-TEMPLATE_DEFAULT_SYSTEM_TOKENS = 11
-TEMPLATE_TOKENS_PER_MESSAGE = 5
-TEMPLATE_TOKENS_PER_IMAGE = 2
+TEMPLATE_DEFAULT_SYSTEM_TOKENS = qwen_tokens.DEFAULT_SYSTEM_TOKENS + qwen_tokens.TURN_OVERHEAD
+TEMPLATE_TOKENS_PER_MESSAGE = qwen_tokens.TURN_OVERHEAD
+TEMPLATE_TOKENS_PER_IMAGE = qwen_tokens.VISION_WRAPPER
 
 
 class ReportError(MmdataError):
@@ -70,43 +71,7 @@ class ReportError(MmdataError):
 def smart_resize_tokens(width: int, height: int, max_pixels: int = LF_IMAGE_MAX_PIXELS,
                         min_pixels: int = LF_IMAGE_MIN_PIXELS) -> int:
     """Qwen2-VL vision tokens of one ``width`` x ``height`` image as LLaMA-Factory feeds it to the model."""
-    if width * height > max_pixels:  # LLaMA-Factory's mm_plugin._preprocess_image
-        scale = math.sqrt(max_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    if width * height < min_pixels:
-        scale = math.sqrt(min_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    width, height = max(width, 1), max(height, 1)
-    h, w = _smart_resize(height, width)
-    return (h // 28) * (w // 28)
-
-
-def _smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """``transformers``' Qwen2-VL ``smart_resize`` (processor defaults), without its aspect-ratio exception."""
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
-_WORD = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
-
-
-def estimate_text_tokens(text: str) -> int:
-    """A tokenizer-free estimate for Qwen-style BPE: one token per CJK character, per digit and per symbol, and
-    about one per 4 letters of a Latin word. Within ~20% on English, Chinese and LaTeX; use a tokenizer for exact."""
-    cjk = len(_CJK.findall(text))
-    rest = _CJK.sub(" ", text)
-    return cjk + sum(max(1, math.ceil(len(m) / 4)) if m[0].isalpha() else 1 for m in _WORD.findall(rest))
+    return qwen_tokens.image_tokens(width, height, max_pixels=max_pixels, min_pixels=min_pixels)
 
 
 @dataclass(frozen=True)
@@ -120,41 +85,10 @@ class TokenCounter:
 
 
 def token_counter(tokenizer: Any = None) -> TokenCounter:
-    """A given tokenizer (a name/path for ``transformers.AutoTokenizer`` or an object with ``encode``), else
-    ``mmdata.tokens`` when present, else :func:`estimate_text_tokens`."""
-    image = smart_resize_tokens
-    try:
-        from . import tokens  # written alongside; optional until it lands
-    except ImportError:
-        tokens = None
-    if tokens is not None and hasattr(tokens, "image_tokens"):
-        image = _from_tokens_module(tokens.image_tokens)
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)):
-            try:
-                from transformers import AutoTokenizer
-            except ImportError:
-                raise ReportError("--tokenizer needs transformers: pip install 'mmdata[train]'") from None
-            name = str(tokenizer)
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        else:
-            name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        encode = tokenizer.encode
-        return TokenCounter(lambda text: len(encode(text, add_special_tokens=False)), image,
-                            f"counted with the tokenizer {name}", True)
-    if tokens is not None and hasattr(tokens, "estimate_text_tokens"):
-        return TokenCounter(tokens.estimate_text_tokens, image,
-                            "estimated without a tokenizer (mmdata.tokens.estimate_text_tokens)", False)
-    return TokenCounter(estimate_text_tokens, image,
-                        "estimated without a tokenizer (character-class estimate; pass --tokenizer for exact counts)",
-                        False)
-
-
-def _from_tokens_module(function: Callable) -> Callable[[int, int, int], int]:
-    def image_tokens(width: int, height: int, max_pixels: int) -> int:
-        return int(function(width, height, max_pixels=max_pixels))
-
-    return image_tokens
+    """Text through ``tokenizer`` (a name/path for ``transformers.AutoTokenizer`` or an object with ``encode``) or
+    :func:`mmdata.tokens.estimate_text_tokens`; images through :func:`smart_resize_tokens`."""
+    counter = qwen_tokens.token_counter(tokenizer)
+    return TokenCounter(counter.text, smart_resize_tokens, counter.label, counter.exact)
 
 
 # ----------------------------------------------------------------------------------------------- reading
