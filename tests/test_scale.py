@@ -245,3 +245,21 @@ def test_header_check_reads_sizes_like_pil(mode, fmt, options):
     assert inspect_image(data, "header") == inspect_image(data, "decode")
     for broken in (data[:12], b"\xff\xd8\xff\xe0 not a jpeg", data[:8] + b"\0" * 40):
         assert _plain_header(broken) is None  # anything unusual goes to PIL for the verdict
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_default_header_check_still_rejects_truncated_images(fmt, tmp_path):
+    """The default check decodes nothing for a clean file, yet a cut-off download (no end marker) is decoded and
+    rejected, from bytes and from a file to link alike."""
+    from mmdata.errors import SampleError
+    from mmdata.images import inspect_image
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(buf, format=fmt)
+    data = buf.getvalue()
+    assert (inspect_image(data).width, inspect_image(data).height) == (64, 48)
+    cut = data[: len(data) * 2 // 3]
+    (tmp_path / "cut").write_bytes(cut)
+    for value in (cut, tmp_path / "cut"):
+        with pytest.raises(SampleError, match="readable image|truncated"):
+            inspect_image(value)

@@ -35,15 +35,21 @@ class ImageInfo:
         return EXTENSIONS.get(self.format, self.format.lower())
 
 
-def inspect_image(data: bytes | Path, verify: str = "decode") -> ImageInfo:
+def inspect_image(data: bytes | Path, verify: str = "header") -> ImageInfo:
     """Format and size of encoded image bytes (or a file: only what the check needs is read); raises
-    :class:`SampleError` if they are not a usable image."""
+    :class:`SampleError` if they are not a usable image.
+
+    ``header``: a plain PNG/JPEG whose header parses and whose stream ends with its end marker (IEND / EOI, so a
+    truncated download is caught) is accepted without decoding; anything else is decoded for the verdict.
+    ``decode``: always decode (JPEG at 1/8 scale)."""
     if not (data.stat().st_size if isinstance(data, Path) else data):
         raise SampleError("image is empty (0 bytes)")
-    if verify == "header" and isinstance(data, bytes):
-        fast = _plain_header(data)
-        if fast is not None:
+    if verify == "header":
+        head, tail = _head_and_tail(data)
+        fast = _plain_header(head)
+        if fast is not None and _ends_cleanly(fast.format, tail):
             return fast
+        verify = "decode"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,6 +72,24 @@ def inspect_image(data: bytes | Path, verify: str = "decode") -> ImageInfo:
     if info.width <= 0 or info.height <= 0:
         raise SampleError(f"image has no pixels ({info.width}x{info.height})")
     return info
+
+
+_HEAD_BYTES = 64 << 10  # where a JPEG's frame header sits (after EXIF/ICC segments) in practice
+_TAIL_BYTES = 1 << 10
+
+
+def _head_and_tail(data: bytes | Path) -> tuple[bytes, bytes]:
+    if isinstance(data, bytes):
+        return data, data[-_TAIL_BYTES:]
+    with open(data, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL_BYTES))
+        return head, f.read()
+
+
+def _ends_cleanly(fmt: str, tail: bytes) -> bool:
+    """The stream's end marker is near the end (a few bytes of padding after it are common)."""
+    return (b"IEND\xaeB`\x82" in tail) if fmt == "PNG" else (b"\xff\xd9" in tail[-64:])
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

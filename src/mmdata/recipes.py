@@ -70,7 +70,8 @@ class ImageOptions(_Strict):
     format: Literal["jpeg", "png", "keep"] = "keep"
     quality: int = Field(95, ge=1, le=100)
     verify: Literal["header", "decode"] = Field(
-        "decode", description="decode: read the whole image stream (cheap reduced-size decode for JPEG)"
+        "header", description="header: parse the header and check the end marker, decode only what looks unusual; "
+                              "decode: always decode (JPEG at 1/8 scale)"
     )
 
     @model_validator(mode="after")
