@@ -42,6 +42,8 @@ def test_train_predict_merge_yaml_from_a_build_with_val_split(latex_build, tmp_p
     assert train["eval_dataset"] == "latex_ocr_sample_val" and "val_size" not in train
     assert train["image_max_pixels"] == LF_IMAGE_MAX_PIXELS  # the recipe copies images: LLaMA-Factory's default
     assert train["cutoff_len"] % 128 == 0 and 128 <= train["cutoff_len"] <= 1024
+    longest = json.loads((latex_build / "mmdata_build.json").read_text())["tokens"]["max"]
+    assert train["cutoff_len"] - 128 < longest <= train["cutoff_len"]  # the build's longest record, rounded up
     assert "deepspeed" not in train
 
     assert predict["do_predict"] and predict["predict_with_generate"]

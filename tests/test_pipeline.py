@@ -239,3 +239,23 @@ def test_text_only_alpaca_declares_no_media_or_history(tmp_path):
     entry = json.loads(result.dataset_info.read_text())[name]
     assert entry["columns"] == {"prompt": "instruction", "query": "input", "response": "output"}
     assert all(set(r) == {"instruction", "input", "output"} for r in read_jsonl_dir(folder))
+
+
+def test_manifest_and_summary_carry_the_token_budget(tutorial_recipe, tmp_path, capsys):
+    from PIL import Image
+
+    from mmdata.tokens import record_tokens, token_counter
+
+    out = tmp_path / "o"
+    assert main(["build", str(tutorial_recipe), "--set", f"output.dir={out}", "--quiet", "--num-proc", "2"]) == 0
+    assert "over cutoff_len 2048" in capsys.readouterr().out
+    tokens = json.loads((out / "mmdata_build.json").read_text())["tokens"]
+    counter = token_counter()
+    lengths = []
+    for name in ("latex_ocr_csv_train", "latex_ocr_csv_val"):
+        for record in read_jsonl_dir(out / name):
+            sizes = [Image.open(out / image).size for image in record["images"]]
+            lengths.append(record_tokens([(m["role"], m["content"]) for m in record["messages"]], sizes, counter))
+    assert tokens["records"] == len(lengths) == 4
+    assert tokens["max"] == max(lengths) and tokens["over_cutoff"] == 0
+    assert tokens["suggested_cutoff_len"] >= max(lengths) and tokens["max_answer"] > 0
