@@ -110,35 +110,25 @@ def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, mi
 
 # Qwen2's pre-tokenizer splits letters runs, single digits, punctuation runs and whitespace; BPE then merges within
 # a piece. Per piece: CJK ~1 token per character (Qwen merges common pairs, so this leans high), Latin words ~1 per
-# 5 letters (one for most words), a digit 1, punctuation ~1 per 2 characters, a whitespace run 1 unless it precedes a
-# word (it merges into it).
-_PIECE = re.compile(
-    r"(?P<cjk>[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]+)"
-    r"|(?P<word>[^\W\d_]+)"
-    r"|(?P<digit>\d)"
-    r"|(?P<punct>[^\w\s]+|_+)"
-    r"|(?P<space>\s+)"
-)
+# 5 letters (one for most words), a digit 1, punctuation ~1 per 2 characters, a whitespace run 1 unless it is a
+# single space before a word (it merges into it). Each class is counted with one regex pass (builds count every
+# record).
+_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]")
+_LETTERS = re.compile(r"[^\W\d_]+")
+_DIGIT = re.compile(r"\d")
+_PUNCT = re.compile(r"[^\w\s]+|_+")
+_LONE_SPACE = re.compile(r"\s*\n\s*|\s{2,}|\s$")  # whitespace runs that are tokens of their own
 
 
 def estimate_text_tokens(text: str) -> int:
     """Qwen2 tokens of ``text`` without a tokenizer: an estimate that leans high (Chinese is counted one token per
     character where Qwen2 averages ~1.4 characters per token), so a cutoff chosen from it rarely truncates. Expect
     +-25% per record; say "estimated" wherever it is shown, and pass a tokenizer for exact counts."""
-    total = 0
-    for m in _PIECE.finditer(text):
-        kind, piece = m.lastgroup, m.group()
-        if kind == "cjk":
-            total += len(piece)
-        elif kind == "word":
-            total += max(1, math.ceil(len(piece) / 5))
-        elif kind == "digit":
-            total += 1
-        elif kind == "punct":
-            total += math.ceil(len(piece) / 2)
-        elif kind == "space" and (m.end() == len(text) or "\n" in piece or len(piece) > 1):
-            total += 1  # a single space before a word or symbol merges into it
-    return total
+    cjk = len(_CJK.findall(text))
+    if cjk:
+        text = _CJK.sub("", text)
+    return (cjk + sum((len(w) + 4) // 5 for w in _LETTERS.findall(text)) + len(_DIGIT.findall(text))
+            + sum((len(p) + 1) // 2 for p in _PUNCT.findall(text)) + len(_LONE_SPACE.findall(text)))
 
 
 @dataclass(frozen=True)
