@@ -392,3 +392,33 @@ def test_declared_column_that_no_record_has_is_an_error(tmp_path):
     info = make_dataset(tmp_path, records=[{"instruction": "q", "input": "", "output": "a"}], entry=entry)
     problem = only(validate(info), "missing-column")
     assert problem.severity == "error" and "KeyError 'history'" in problem.message
+
+
+def test_png_without_iend_that_decodes_is_accepted_like_the_build_does(tmp_path):
+    """PIL's verify() flags a PNG cut before IEND, but it decodes (and trains) fine: validate agrees with the build."""
+    info = make_dataset(tmp_path)
+    png = tmp_path / "images" / "b.png"
+    png.write_bytes(png.read_bytes()[:-12])
+    assert validate(info).ok, validate(info).format_text()
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # really truncated: the decode fails
+    assert "image-unreadable" in codes(validate(info)), validate(info).format_text()
+
+
+def test_missing_column_fix_does_not_suggest_a_column_already_mapped(tmp_path):
+    info = make_dataset(tmp_path, records=[record(question="Hi", images=None)])
+    problem = only(validate(info), "missing-column")
+    assert '"images": "messages"' not in problem.fix and "remove columns.images" in problem.fix
+
+
+def test_stray_file_in_a_shard_folder_is_the_one_named(tmp_path):
+    info = _shards(tmp_path, [record()], [record()])
+    (tmp_path / "mllm" / "notes.txt").write_text("my notes")
+    problem = only(validate(info), "file-types")
+    assert "offending: notes.txt" in problem.message
+
+
+def test_two_records_on_one_line_load_as_datasets_loads_them(tmp_path):
+    info = make_dataset(tmp_path, entry={**MLLM_ENTRY, "file_name": "mllm.jsonl"}, records=[])
+    (tmp_path / "mllm.jsonl").write_text(json.dumps(record()) + json.dumps(record()) + "\n")
+    report = validate(info)
+    assert report.ok and report.entries["mllm"].records == 2, report.format_text()

@@ -259,3 +259,52 @@ def test_manifest_and_summary_carry_the_token_budget(tutorial_recipe, tmp_path, 
     assert tokens["records"] == len(lengths) == 4
     assert tokens["max"] == max(lengths) and tokens["over_cutoff"] == 0
     assert tokens["suggested_cutoff_len"] >= max(lengths) and tokens["max_answer"] > 0
+
+
+def test_strict_fails_on_an_up_to_date_build_with_rejects(tutorial_recipe, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["build", str(tutorial_recipe), "--set", f"output.dir={out}", "--quiet", "--num-proc", "1"]
+    assert main(args) == 0
+    assert main([*args, "--strict"]) == BuildError.exit_code
+    assert "--strict: 2 record(s) rejected" in capsys.readouterr().err
+
+
+def test_rebuild_picks_up_an_image_edited_in_place(tutorial_recipe, tmp_path):
+    from PIL import Image
+    from tests.conftest import jpeg_bytes
+
+    out = tmp_path / "o"
+    first = mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1)
+    (tutorial_recipe.parent / "images" / "corrupt.jpg").write_bytes(jpeg_bytes(size=(50, 40)))  # repaired
+    assert mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1).up_to_date  # invisible to the fingerprint
+    second = mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1, rebuild=True)
+    assert not second.up_to_date and (first.written, second.written) == (4, 5)
+    sizes = {Image.open(p).size for p in (out / "images").rglob("*.jpg")}
+    assert (50, 40) in sizes
+
+
+def test_merged_dataset_info_keeps_its_file_mode(tutorial_recipe, tmp_path):
+    info = tmp_path / "lf" / "dataset_info.json"
+    info.parent.mkdir()
+    info.write_text("{}")
+    info.chmod(0o664)
+    mmdata.build(str(tutorial_recipe), output__dir=str(tmp_path / "o"), output__dataset_info=str(info), num_proc=1)
+    assert info.stat().st_mode & 0o777 == 0o664 and "latex_ocr_csv_train" in json.loads(info.read_text())
+    manifest = tmp_path / "o" / "mmdata_build.json"
+    assert manifest.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_cli_fails_when_every_record_is_rejected(tmp_path, capsys):
+    (tmp_path / "d.csv").write_text("image_path,text\nnope.jpg,x\nnada.jpg,y\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "r", "source": {"type": "csv", "path": "d.csv"},
+                                                "fields": {"image": "image_path", "answer": "text"},
+                                                "prompt": "{nonexistent} hi", "output": {"dir": str(tmp_path / "o")}})
+    assert main(["build", str(recipe), "--quiet"]) == BuildError.exit_code
+    err = capsys.readouterr().err
+    assert "no record was written: all 2 were rejected" in err and "rejects.jsonl" in err

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir, write_recipe
 
 import mmdata
-from mmdata.errors import SourceError
+from mmdata.errors import RecipeError, SourceError
 from mmdata.sources import open_source
 
 
@@ -132,3 +132,8 @@ def test_synthetic_latex_renders_deterministic_pngs(tmp_path):
     again = list(open_source("synthetic_latex", {"formulas": ["a^2", "\\frac{1}{2}"], "count": 3}, tmp_path).rows())
     assert [r["text"] for r in rows] == ["a^2", "\\frac{1}{2}", "a^2"]
     assert rows[0]["image"].startswith(b"\x89PNG") and rows[0]["image"] == again[0]["image"]
+
+
+def test_unknown_source_type_suggests_the_close_one(tmp_path):
+    with pytest.raises(RecipeError, match="did you mean 'csv'"):
+        open_source("csvv", {"path": "d.csv"}, tmp_path)

@@ -26,12 +26,14 @@ def build(
     engine: str = "local",
     strict: bool = False,
     quiet: bool = True,
+    rebuild: bool = False,
     **overrides: Any,
 ):
     """Build a recipe (built-in name, YAML path, or a :class:`Recipe`) and return a ``BuildResult``.
 
     Keyword overrides use double underscores for nesting: ``build("latex_ocr", output__dir="out", max_samples=10)``;
     dotted keys work through ``overrides={"output.dir": ...}`` style dicts too (``**{"output.dir": "out"}``).
+    ``rebuild=True`` redoes every record even when the build is up to date (images edited in place).
     """
     from .pipeline import build_recipe
 
@@ -39,7 +41,8 @@ def build(
         recipe = load_recipe(recipe, {k.replace("__", "."): v for k, v in overrides.items()})
     elif overrides:
         raise RecipeError("overrides apply to recipe names or paths; edit the Recipe object directly instead")
-    result = build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet)
+    result = build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet,
+                          rebuild=rebuild)
     if recipe.report and shard == (0, 1):
         from .report import write_report
 

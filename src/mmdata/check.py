@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import lfdata
 from .errors import DatasetInfoError
+from .images import ends_cleanly
 from .samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, conversation_problems
 from .tokens import TokenBudget, token_counter
 
@@ -470,7 +471,7 @@ class _EntryChecker:
                 ("chosen", "rejected") if attr.ranking else ()):
             name = attr.column(col)
             if name and name not in self.keys and not (col == "messages" and not self.sharegpt):
-                close = _closest(name, self.keys)
+                close = _closest(name, self.keys - {v for v in attr.columns.values() if v})
                 fix = (f'set "columns": {{"{col}": "{close[0]}"}}' if close else f'remove columns.{col} or add '
                        f'the {name!r} field to the records')
                 self.problem(None, "error",
@@ -504,14 +505,14 @@ def _in_code(text: str, tag: str) -> bool:
 
 
 def _open_image(path: Path, decode: bool) -> tuple[int, int] | str:
-    """``(width, height)`` from the header plus PIL's integrity check (``verify``, or a full decode), or a reason."""
+    """``(width, height)`` from the header, or a reason. Without ``decode``, the same check as a build's default
+    (``images.verify: header``): a PNG/JPEG without its end marker is decoded for the verdict, as LLaMA-Factory would
+    (PIL's ``verify`` is stricter than its decoder and would flag files that train fine)."""
     try:
         with Image.open(path) as im:
             size = im.size
-            if decode:
+            if decode or not ends_cleanly(path, im.format or ""):
                 im.load()
-            else:
-                im.verify()
         return size
     except FileNotFoundError:
         return f"missing (looked for {path})"
@@ -622,7 +623,7 @@ def _check_files(name: str, attr: lfdata.DatasetAttr, dataset_dir: Path, report:
                            "missing-file"))
         return None
     kinds = {f.name: (None if f.is_dir() else lfdata.file_type(f)) for f in files}
-    first = kinds[files[0].name]
+    first = Counter(k for k in kinds.values() if k is not None).most_common(1)[0][0] if any(kinds.values()) else None
     odd = [n for n, k in kinds.items() if k is None or k != first]
     if odd or first is None:
         report.add(Problem(name, None, "error", f"{attr.dataset_name!r}: LLaMA-Factory loads every entry of the "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
-from .errors import MmdataError
+from .errors import BuildError, MmdataError
 
 
 def _parse_set(values: list[str]) -> dict[str, str]:
@@ -55,8 +56,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides["output.overwrite"] = "true"
     result = build(args.recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
-                   quiet=args.quiet, **{k.replace(".", "__"): v for k, v in overrides.items()})
+                   quiet=args.quiet, rebuild=args.rebuild, **{k.replace(".", "__"): v for k, v in overrides.items()})
     print(format_summary(result))
+    if result.read and not result.written:
+        reasons = ", ".join(f"{k}: {v}" for k, v in result.counts["rejected_by_reason"].items())
+        print(f"mmdata: error: no record was written: all {result.read} were rejected ({reasons}). That usually "
+              "means the recipe, not the data, is wrong (a field name, a {placeholder} in the prompt); see "
+              f"{result.output_dir / 'rejects.jsonl'}", file=sys.stderr)
+        return BuildError.exit_code
     return 0
 
 
@@ -97,6 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--strict", action="store_true", help="fail the build if any record is rejected")
     p.add_argument("--overwrite", action="store_true", help="replace existing dataset_info entries / output")
+    p.add_argument("--rebuild", action="store_true", help="redo every record even if up to date (e.g. after editing "
+                   "image files in place: the fingerprint covers the recipe and data files, not every image)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
 
@@ -137,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmdata: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmdata ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

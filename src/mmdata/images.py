@@ -92,6 +92,12 @@ def _ends_cleanly(fmt: str, tail: bytes) -> bool:
     return (b"IEND\xaeB`\x82" in tail) if fmt == "PNG" else (b"\xff\xd9" in tail[-64:])
 
 
+def ends_cleanly(data: bytes | Path, fmt: str) -> bool:
+    """False for a PNG or JPEG without its end marker (a cut-off file: decode it for the verdict); other formats
+    have no cheap check and return True."""
+    return fmt not in ("PNG", "JPEG") or _ends_cleanly(fmt, _head_and_tail(data)[1])
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3), (4, 3), (8, 3), (8, 4), (16, 4),
               (8, 6), (16, 6)}  # (bit depth, colour type) pairs PIL opens

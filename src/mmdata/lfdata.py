@@ -194,11 +194,25 @@ def _iter_json(path: Path) -> Iterator[object]:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield from _objects_of_line(line)
                 except json.JSONDecodeError as e:
                     raise DatasetInfoError(
                         f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); a .json/.jsonl file "
                         "must be a JSON array of records or JSON Lines (one complete record per line)") from None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _objects_of_line(line: str) -> Iterator[object]:
+    """The JSON values of one line: usually one, but pyarrow's reader (datasets, LLaMA-Factory) also accepts several
+    objects written back to back on a line, so this does too."""
+    pos, end = 0, len(line.rstrip())
+    while True:
+        value, pos = _DECODER.raw_decode(line, len(line) - len(line[pos:].lstrip()))
+        yield value
+        if pos >= end:
+            return
 
 
 def _iter_json_array(f, path: Path, buf: str, pos: int) -> Iterator[object]:

@@ -450,15 +450,19 @@ def build_recipe(
     engine: str = "local",
     strict: bool = False,
     quiet: bool = True,
+    rebuild: bool = False,
 ) -> BuildResult:
     """Build ``recipe``; see the module docstring for the guarantees.
 
     An OS error (disk full, read-only or unwritable output, unreadable input) stops the build with one
     :class:`BuildError` naming the file: every file is renamed into place complete, so nothing half-written is left
     visible, and rerunning the same command once the cause is fixed resumes from the finished tasks.
+
+    ``rebuild`` redoes every task even when the build looks up to date: the fingerprint covers the recipe and the
+    source's data files, not the image files that CSV/JSON rows point to.
     """
     try:
-        return _build_recipe(recipe, num_proc, shard, engine, strict, quiet)
+        return _build_recipe(recipe, num_proc, shard, engine, strict, quiet, rebuild)
     except OSError as e:
         raise BuildError(_os_error_message(e, recipe)) from e
 
@@ -476,7 +480,7 @@ def _os_error_message(e: OSError, recipe: Recipe) -> str:
 
 
 def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], engine: str, strict: bool,
-                  quiet: bool) -> BuildResult:
+                  quiet: bool, rebuild: bool = False) -> BuildResult:
     layout = Layout.for_recipe(recipe)
     source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or ".")
     fingerprint = records_fingerprint(recipe, layout, source)
@@ -485,11 +489,15 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
         raise BuildError(f"--shard {shard_index}/{shard_count}: the index must be in 0..{shard_count - 1}")
 
     manifest = _read_json(layout.root / MANIFEST)
-    if manifest and manifest.get("fingerprint") == fingerprint and manifest.get("shard") == list(shard) \
-            and _registered(layout, manifest, recipe):
+    if not rebuild and manifest and manifest.get("fingerprint") == fingerprint \
+            and manifest.get("shard") == list(shard) and _registered(layout, manifest, recipe):
+        if strict:
+            _check_strict(layout, manifest["counts"], "this build is up to date and registered without --strict")
         return _result_from_manifest(layout, manifest, up_to_date=True)
 
     _claim_output(layout, recipe, fingerprint)
+    if rebuild and layout.state.exists():
+        shutil.rmtree(layout.state)  # every task again: inputs changed that the fingerprint cannot see
     total = source.num_rows()
     if recipe.max_samples is not None:
         total = recipe.max_samples if total is None else min(total, recipe.max_samples)
@@ -630,16 +638,23 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         entries[name] = dataset_info_entry(recipe.output.format, rel, keys[split])
         datasets[name] = {"split": split, "file_name": rel, "count": written[split]}
     manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets)
-    if strict and manifest["counts"]["rejected"]:
-        raise BuildError(
-            f"--strict: {manifest['counts']['rejected']} record(s) rejected "
-            f"({', '.join(f'{k}: {v}' for k, v in manifest['counts']['rejected_by_reason'].items())}); "
-            f"see {layout.root / 'rejects.jsonl'}. Nothing was registered in {layout.dataset_info}"
-        )
+    counts = manifest["counts"]
+    if strict:
+        _check_strict(layout, counts, f"nothing was registered in {layout.dataset_info}")
     if entries:
         merge_dataset_info(layout.dataset_info, entries, overwrite=recipe.output.overwrite)
     write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     return _result_from_manifest(layout, manifest)
+
+
+def _reasons(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts["rejected_by_reason"].items())
+
+
+def _check_strict(layout: Layout, counts: dict, what: str) -> None:
+    if counts["rejected"]:
+        raise BuildError(f"--strict: {counts['rejected']} record(s) rejected ({_reasons(counts)}); {what}; see "
+                         f"{layout.root / 'rejects.jsonl'}")
 
 
 def _collect_stats(layout: Layout, tasks: Iterable[int]) -> list[TaskStats]:

@@ -7,6 +7,7 @@ sources through the entry-point group ``mmdata.sources`` (``name = "package.modu
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -118,7 +119,9 @@ def get_source_class(name: str) -> type[Source]:
                 break
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group="mmdata.sources")})
-        raise RecipeError(f"unknown source type {name!r}: known types are {', '.join(known)}")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"unknown source type {name!r}: {hint}known types are {', '.join(known)}")
     return _REGISTRY[name]
 
 
