@@ -16,6 +16,7 @@ number of records, and the suggested cutoff is exact to one bucket (rounded up, 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -117,9 +118,10 @@ _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]")
 _LETTERS = re.compile(r"[^\W\d_]+")
 _DIGIT = re.compile(r"\d")
 _PUNCT = re.compile(r"[^\w\s]+|_+")
-_LONE_SPACE = re.compile(r"\s*\n\s*|\s{2,}|\s$")  # whitespace runs that are tokens of their own
+_LONE_SPACE = re.compile(r"\s{2,}|\n|\s\Z")  # whitespace runs that are tokens of their own
 
 
+@functools.lru_cache(maxsize=256)  # a build asks for the same prompt, and each answer twice
 def estimate_text_tokens(text: str) -> int:
     """Qwen2 tokens of ``text`` without a tokenizer: an estimate that leans high (Chinese is counted one token per
     character where Qwen2 averages ~1.4 characters per token), so a cutoff chosen from it rarely truncates. Expect
