@@ -200,7 +200,8 @@ def summarise(name: str, clock, data_wait, per_step_samples: list[list[tuple]], 
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "mfu_pct": round(100 * flops / seconds / peak, 2), "data_wait_pct": round(100 * data / seconds, 1),
-            "step_s": round(seconds / len(window), 3)}
+            "step_s": round(seconds / len(window), 3),
+            **{k: torch.cuda.memory_stats().get(k) for k in ("num_alloc_retries", "num_device_alloc")}}
 
 
 # ------------------------------------------------------------------------------------------------ the tutorial
@@ -295,31 +296,36 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> di
 
 
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batch: int, accum: int,
-               out: Path | None = None, deepspeed: str | None = None, batching: str = "pad") -> dict:
+               out: Path | None = None, deepspeed: str | None = None, batching: str = "pad",
+               adapter_dtype: str = "auto") -> dict:
+    import gc
+
     import torch
 
     from mmdata.train.config import load_train_config
     from mmdata.train.trainer import _trainer_class, train
 
+    gc.collect()  # the previous run's model must not count towards this run's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     StepClock, timed, wait = _timing_tools()
     clock = StepClock()
-    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}"
+    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{adapter_dtype}"
     config = load_train_config(
         None, model=str(root / "qwen2vl-2b-random"), dataset=str(root / kind), output_dir=str(output_dir),
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
         precision="bf16", logging_steps=1, save_steps=10_000, resume=False, max_samples=16 * steps,
-        deepspeed=deepspeed, batching=batching, dataloader_num_workers=8, lr_scheduler_type="linear")
+        deepspeed=deepspeed, batching=batching, dataloader_num_workers=8, lr_scheduler_type="linear",
+        adapter_dtype=adapter_dtype)
     record = train(config, callbacks=[clock], trainer_class=timed(_trainer_class()))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # every sample is used once in `steps` steps; per-step token mix is uniform enough to spread evenly
     samples = _mmdata_samples(root, kind, 16 * steps)
     per_step = [samples[i * 16 // world:(i + 1) * 16 // world] for i in range(steps)]
-    result = summarise(f"mmdata/{kind}/{batch}x{accum}" + (f"/{Path(deepspeed).stem}" if deepspeed else ""),
-                       clock, wait, per_step, warmup, gpu)
+    result = summarise(f"mmdata/{kind}/{batch}x{accum}/{record['adapter_dtype']}"
+                       + (f"/{Path(deepspeed).stem}" if deepspeed else ""), clock, wait, per_step, warmup, gpu)
     result["losses"] = [h["loss"] for h in state["log_history"] if "loss" in h]
     result["dropped"] = record["data"]["train"]["dropped"]
     return result
@@ -358,7 +364,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
     dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
                                cutoff_len=2048, max_samples=batch)
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS)
-    model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config).cuda()
+    model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config, torch.bfloat16).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batch_t = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
@@ -366,10 +372,9 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
     batch_t.pop("labels")
     keep, targets = batch_t.pop("logits_to_keep"), batch_t.pop("target_labels")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(**batch_t, logits_to_keep=keep, use_cache=False).logits
-            loss = chunked_cross_entropy_sum(logits, targets) / (targets != -100).sum()
+    def step():  # as the trainer runs it: bf16 model and adapters, no autocast
+        logits = model(**batch_t, logits_to_keep=keep, use_cache=False).logits
+        loss = chunked_cross_entropy_sum(logits, targets) / (targets != -100).sum()
         loss.backward()
 
     def timed(fn, n=3):
@@ -386,8 +391,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
     lines = [f"micro-batch {batch} x {kind}: {batch_t['input_ids'].shape[1]} padded tokens/row"]
     with torch.no_grad():
         lines.append(f"vision tower forward: {timed(lambda: visual(batch_t['pixel_values'].to(torch.bfloat16), grid_thw=batch_t['image_grid_thw'])):.1f} ms")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            lines.append(f"full forward (no grad): {timed(lambda: model(**batch_t, logits_to_keep=keep, use_cache=False)):.1f} ms")
+        lines.append(f"full forward (no grad): {timed(lambda: model(**batch_t, logits_to_keep=keep, use_cache=False)):.1f} ms")
     lines.append(f"forward+backward (checkpointing): {timed(step):.1f} ms")
     from transformers.models.qwen2_vl import modeling_qwen2_vl as mq  # noqa: F401
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -409,22 +413,34 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def _mmdata_runs(spec: str) -> list[tuple[str, int, int, str]]:
+    """``latex:16x1,med:8x2:fp32`` -> [(kind, micro-batch, accumulation, adapter_dtype)]."""
+    runs = []
+    for item in spec.split(","):
+        kind, shape, *dtype = item.split(":")
+        batch, accum = (int(x) for x in shape.split("x"))
+        runs.append((kind, batch, accum, dtype[0] if dtype else "auto"))
+    return runs
+
+
 def cmd_single(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = _gpu_name()
     results = []
-    for kind, (batch, accum) in (("latex", (16, 1)), ("med", (8, 2))):
-        for fn in (lambda k=kind, b=batch, a=accum: run_mmdata(Path(args.root), k, args.steps, args.warmup, gpu,
-                                                               batch=b, accum=a),
-                   lambda k=kind: run_tutorial(Path(args.root), k, args.tutorial_steps, args.warmup, gpu)):
-            try:
-                results.append(fn())
-            except Exception as e:  # keep going: one failure must not lose the other figures
-                results.append({"run": kind, "error": repr(e)[:500]})
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
-            (out / "single.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
-    for kind, batch in (("latex", 16), ("med", 8)):
+    jobs = [lambda k=k, b=b, a=a, d=d: run_mmdata(Path(args.root), k, args.steps, args.warmup, gpu, batch=b, accum=a,
+                                                  adapter_dtype=d) for k, b, a, d in _mmdata_runs(args.mmdata)]
+    if args.tutorial_steps:
+        jobs += [lambda k=k: run_tutorial(Path(args.root), k, args.tutorial_steps, args.warmup, gpu)
+                 for k in ("latex", "med")]
+    for fn in jobs:
+        try:
+            results.append(fn())
+        except Exception as e:  # keep going: one failure must not lose the other figures
+            results.append({"run": "?", "error": repr(e)[:500]})
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
+        (out / "single.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
+    for kind, batch in (("latex", 16), ("med", 8)) if args.profile else ():
         try:
             print(profile_mmdata_step(Path(args.root), kind, batch, out), flush=True)
         except Exception as e:
@@ -481,7 +497,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--tutorial-steps", type=int, default=12)
+    parser.add_argument("--tutorial-steps", type=int, default=12, help="0: skip the tutorial runs")
+    parser.add_argument("--mmdata", default="latex:16x1,med:8x2",
+                        help="mmdata runs of `single`: kind:BATCHxACCUM[:adapter_dtype], comma-separated")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")
     args = parser.parse_args()

@@ -314,3 +314,38 @@ def test_cli_registration_does_not_import_torch():
             "assert a.max_steps == 3 and a.learning_rate is None\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bf16_model_trains_bf16_adapters_without_autocast(tiny_model, build_dir, tmp_path):
+    """precision bf16 + adapter_dtype auto: bf16 LoRA weights, no autocast, and the loss still falls."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    state = _train_cli(tiny_model, build_dir, out, 20, "--precision", "bf16")
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] <= losses[0] / 2, losses
+    record = json.loads((out / "mmdata_train.json").read_text())
+    assert record["dtype"] == record["adapter_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_adapter_dtype_choices():
+    from mmdata.train.model import pick_adapter_dtype
+
+    config = load_train_config(None, model="m", dataset="d")
+    assert pick_adapter_dtype(config, torch.bfloat16) == torch.bfloat16
+    assert pick_adapter_dtype(config, torch.float16) == torch.float32
+    fp32 = load_train_config(None, model="m", dataset="d", adapter_dtype="fp32")
+    assert pick_adapter_dtype(fp32, torch.bfloat16) == torch.float32
+    with pytest.raises(TrainError, match="adapter_dtype"):
+        load_train_config(None, model="m", dataset="d", adapter_dtype="bf16", precision="fp16")
+    with pytest.raises(TrainError, match="adapter_dtype"):
+        pick_adapter_dtype(load_train_config(None, model="m", dataset="d", adapter_dtype="bf16"), torch.float32)
+
+
+def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_dir, tmp_path):
+    out = tmp_path / "amp"
+    state = _train_cli(tiny_model, build_dir, out, 20, "--precision", "bf16", "--adapter-dtype", "fp32")
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] <= losses[0] / 2, losses
+    assert json.loads((out / "mmdata_train.json").read_text())["adapter_dtype"] == "float32"

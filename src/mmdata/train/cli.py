@@ -20,6 +20,7 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--max-samples": {"type": int}, "--save-steps": {"type": int}, "--eval-steps": {"type": int},
     "--logging-steps": {"type": int}, "--seed": {"type": int}, "--deepspeed": {},
     "--precision": {"choices": ["auto", "bf16", "fp16", "fp32"]},
+    "--adapter-dtype": {"choices": ["auto", "bf16", "fp32"]},
     "--attn-implementation": {"choices": ["auto", "sdpa", "flash_attention_2", "eager"]},
     "--batching": {"choices": ["auto", "pad", "pack"]}, "--report-to": {"choices": ["none", "tensorboard", "swanlab"]},
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},

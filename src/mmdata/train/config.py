@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     use_dora: bool = False
     quantization_bit: Literal[4] | None = Field(None, description="QLoRA: 4-bit base weights (bitsandbytes, CUDA)")
     freeze_vision: bool = Field(True, description="false: adapt the vision blocks too (same as lora_vision)")
+    adapter_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="LoRA weights and their optimizer state. bf16: the whole step runs in bf16 without "
+                            "autocast (faster, less memory, coarser updates); fp32: fp32 adapters under bf16/fp16 "
+                            "autocast; auto: bf16 when the model trains in bf16 without QLoRA or DeepSpeed")
 
     # data
     min_pixels: int = Field(28 * 28 * 4, ge=28 * 28)
@@ -102,6 +106,10 @@ class TrainConfig(BaseModel):
             raise ValueError("target_modules is empty: name at least one linear layer, e.g. q_proj,v_proj")
         if self.quantization_bit and self.deepspeed and "3" in Path(self.deepspeed).name:
             raise ValueError("quantization_bit with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 or drop QLoRA")
+        if self.adapter_dtype == "bf16" and (self.precision in ("fp16", "fp32") or self.quantization_bit
+                                             or self.deepspeed):
+            raise ValueError("adapter_dtype: bf16 needs precision bf16 (or auto on a bf16 GPU) without "
+                             "quantization_bit or deepspeed; use adapter_dtype: fp32 or auto")
         return self
 
 

@@ -21,7 +21,6 @@ The data path, and why it is shaped like this:
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
+from ..tokens import smart_resize
 from .config import TrainError
 
 IGNORE_INDEX = -100
@@ -133,26 +133,6 @@ def render_segments(tokenizer, messages: list[dict], chat_template: str) -> list
         pos = start + cut
     segments.append((full[pos:], False))
     return [(t, lab) for t, lab in segments if t]
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (``image_processing_qwen2_vl.smart_resize``): sides multiples of ``factor``, area in
-    ``[min_pixels, max_pixels]``, aspect ratio kept. Copied (12 lines) so the length of a sample is known from the
-    image header alone, before any decoding; a test checks it against the processor's own output."""
-    if max(height, width) / max(1, min(height, width)) > 200:
-        raise ValueError(f"aspect ratio of a {width}x{height} image is over 200")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def mrope_positions(input_ids: np.ndarray, grids: np.ndarray, image_token_id: int, merge: int) -> np.ndarray:
@@ -343,10 +323,13 @@ class VisionSFTCollator:
 
     ``logits_to_keep`` (positions followed by a label) and ``target_labels`` (those labels) let the step compute
     the vocabulary projection and the loss only where it matters; ``labels`` stays for HF Trainer's token count.
+    Padded rows are rounded up to ``pad_to_multiple_of`` tokens: a few padding tokens cost little on a launch-bound
+    step, while every new sequence length makes cuDNN's attention build (on the CPU) a plan for that shape.
     """
 
     pad_token_id: int
     pack: bool = False
+    pad_to_multiple_of: int = 64
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
@@ -358,6 +341,7 @@ class VisionSFTCollator:
             batch["position_ids"] = torch.cat([text[None], mrope])[:, None, :]  # 4 x 1 x L: packed (HF convention)
         else:
             longest = max(len(f["input_ids"]) for f in features)
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
             n = len(features)
             batch["input_ids"] = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
             labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)

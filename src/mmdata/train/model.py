@@ -44,6 +44,25 @@ def pick_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def pick_adapter_dtype(config: TrainConfig, dtype: torch.dtype) -> torch.dtype:
+    """The LoRA weights' dtype: ``auto`` is bf16 when the model trains in bf16 without QLoRA or DeepSpeed.
+
+    Why bf16 adapters by default: with fp32 adapters under bf16 autocast, PEFT casts every adapted layer's input to
+    fp32 and autocast casts it back (thousands of copy kernels per step, on a step bound by kernel launches), and
+    accelerate's autocast wrapper returns the logits as an fp32 copy. With bf16 adapters the step needs no autocast
+    at all: everything already runs in bf16. The price is bf16 weights and Adam state for the adapter (coarser
+    updates); ``adapter_dtype: fp32`` keeps fp32 master weights. QLoRA and DeepSpeed manage their own precision.
+    """
+    if config.adapter_dtype == "fp32":
+        return torch.float32
+    if dtype != torch.bfloat16 or config.quantization_bit or config.deepspeed:
+        if config.adapter_dtype == "bf16":
+            raise TrainError(f"adapter_dtype: bf16 needs a bf16 model; precision resolved to "
+                             f"{str(dtype).removeprefix('torch.')} (CPU or a GPU without bf16): use adapter_dtype auto")
+        return torch.float32
+    return torch.bfloat16
+
+
 def pick_attention(name: str) -> str:
     """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else PyTorch SDPA."""
     if name == "auto":
@@ -127,11 +146,12 @@ def _is_linear(module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def attach_lora(model, config: TrainConfig):
+def attach_lora(model, config: TrainConfig, adapter_dtype: torch.dtype = torch.float32):
     """Freeze every base weight (vision tower included) and wrap the model with a LoRA adapter.
 
     Base weights stay frozen in LoRA training; ``freeze_vision: false`` means "adapt the vision blocks too" (LoRA on
-    their linear layers), which keeps the saved adapter small and mergeable.
+    their linear layers), which keeps the saved adapter small and mergeable. ``adapter_dtype``: fp32 adapters (PEFT's
+    default) or adapters in the model's own dtype (see ``pick_adapter_dtype``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -144,4 +164,12 @@ def attach_lora(model, config: TrainConfig):
         param.requires_grad_(False)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, use_dora=config.use_dora, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    # autocast_adapter_dtype=False: PEFT creates the adapter in the base layers' dtype instead of upcasting it
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=adapter_dtype == torch.float32)
+    if adapter_dtype == torch.float32 and not config.quantization_bit:
+        # fp32 adapters on a half-precision model train under autocast, which casts each adapter matmul's input
+        # itself; PEFT's own cast of the whole activation to fp32 would only add a copy (and its backward)
+        for module in peft_model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return peft_model

@@ -22,7 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig, TrainError
 from .data import LengthGroupedBatchOrder, VisionSFTCollator, build_dataset, read_conversations, resolve_split
-from .model import attach_lora, load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
+from .model import (
+    attach_lora,
+    load_model,
+    load_processor,
+    pick_adapter_dtype,
+    pick_attention,
+    pick_dtype,
+    resolve_model_path,
+)
 
 RUN_RECORD = "mmdata_train.json"
 LOSS_CHUNK = 1024  # positions per vocabulary-projection chunk in the loss
@@ -54,11 +62,17 @@ def _trainer_class():
     from transformers import Trainer
 
     class VisionSFTTrainer(Trainer):
-        """HF ``Trainer`` with a length-grouped sampler and the logits-where-needed loss."""
+        """HF ``Trainer`` with a length-grouped sampler and the logits-where-needed loss.
 
-        def __init__(self, *args, **kwargs):
+        ``autocast``: the dtype to autocast the forward pass to, or None. The trainer autocasts the forward itself
+        instead of asking accelerate (``bf16=True``), whose wrapper hands back every output -- the logits of all
+        labelled positions -- as an fp32 copy.
+        """
+
+        def __init__(self, *args, autocast: torch.dtype | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # our loss divides by the batch's label count itself
+            self.autocast = autocast
 
         def _get_train_sampler(self, *args, **kwargs):
             lengths = self.train_dataset.lengths
@@ -68,7 +82,9 @@ def _trainer_class():
             inputs = dict(inputs)
             inputs.pop("labels", None)
             keep, targets = inputs.pop("logits_to_keep"), inputs.pop("target_labels")
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            device = inputs["input_ids"].device.type
+            with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
             logits = outputs.logits
             if logits.shape[1] != keep.numel():  # transformers versions that ignore a tensor logits_to_keep
                 logits = logits[:, keep]
@@ -85,6 +101,8 @@ def _trainer_class():
 
 
 def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: int, has_eval: bool):
+    """HF ``TrainingArguments`` from the config. ``bf16`` only for DeepSpeed (which then trains in bf16 itself):
+    otherwise bf16 autocast is the trainer's own (see ``_forward_autocast``); fp16 keeps accelerate's loss scaling."""
     from transformers import TrainingArguments
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,7 +127,7 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: in
         warmup_steps=int(config.warmup_ratio * total),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        bf16=dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16 and bool(config.deepspeed),
         fp16=dtype == torch.float16,
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -133,6 +151,14 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: in
     )
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def _forward_autocast(config: TrainConfig, dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype | None:
+    """bf16 autocast for fp32 adapters on a bf16 model; none where every weight is bf16 already (bf16 adapters,
+    DeepSpeed) or where accelerate autocasts with loss scaling (fp16)."""
+    if dtype == torch.bfloat16 and adapter_dtype == torch.float32 and not config.deepspeed:
+        return torch.bfloat16
+    return None
 
 
 def _resume_point(config: TrainConfig) -> str | None:
@@ -173,13 +199,14 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
 
     dtype = pick_dtype(config.precision)
     attn = pick_attention(config.attn_implementation)
+    adapter_dtype = pick_adapter_dtype(config, dtype)
     pack = config.batching == "pack" or (config.batching == "auto" and attn.startswith("flash"))
     # arguments before the model: with DeepSpeed ZeRO-3 this makes from_pretrained load weights partitioned
     args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set))
     model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
-                        config)
-    trainer = (trainer_class or _trainer_class())(callbacks=callbacks,
-        model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
+                        config, adapter_dtype)
+    trainer = (trainer_class or _trainer_class())(
+        callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
     result = trainer.train(resume_from_checkpoint=_resume_point(config))
     trainer.save_model(config.output_dir)
@@ -193,6 +220,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
         "batching": "pack" if pack else "pad",
         "attn_implementation": attn,
         "dtype": str(dtype).removeprefix("torch."),
+        "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
         "metrics": result.metrics,
         "global_step": trainer.state.global_step,
     }
