@@ -110,15 +110,12 @@ def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, mi
 # -------------------------------------------------------------------------------------------------------- text
 
 # Qwen2's pre-tokenizer splits letters runs, single digits, punctuation runs and whitespace; BPE then merges within
-# a piece. Per piece: CJK ~1 token per character (Qwen merges common pairs, so this leans high), Latin words ~1 per
-# 5 letters (one for most words), a digit 1, punctuation ~1 per 2 characters, a whitespace run 1 unless it is a
-# single space before a word (it merges into it). Each class is counted with one regex pass (builds count every
-# record).
-_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]")
-_LETTERS = re.compile(r"[^\W\d_]+")
-_DIGIT = re.compile(r"\d")
-_PUNCT = re.compile(r"[^\w\s]+|_+")
-_LONE_SPACE = re.compile(r"\s{2,}|\n|\s\Z")  # whitespace runs that are tokens of their own
+# a piece. Estimated tokens per piece: CJK 1 per character (Qwen merges common pairs, so this leans high), a Latin
+# word 1 per 5 letters (one for most words), a digit 1, punctuation 1 per 2 characters, a whitespace run 1 unless it
+# is a single space (it merges into the next word). One regex whose every match is one estimated token, so the count
+# is a single C-level pass: builds count every record.
+_CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W\d_]{{1,5}}|\d|[^\w\s]{{1,2}}|_{{1,2}}|\s{{2,}}|\n|\s\Z")
 
 
 @functools.lru_cache(maxsize=256)  # a build asks for the same prompt, and each answer twice
@@ -126,11 +123,7 @@ def estimate_text_tokens(text: str) -> int:
     """Qwen2 tokens of ``text`` without a tokenizer: an estimate that leans high (Chinese is counted one token per
     character where Qwen2 averages ~1.4 characters per token), so a cutoff chosen from it rarely truncates. Expect
     +-25% per record; say "estimated" wherever it is shown, and pass a tokenizer for exact counts."""
-    cjk = len(_CJK.findall(text))
-    if cjk:
-        text = _CJK.sub("", text)
-    return (cjk + sum((len(w) + 4) // 5 for w in _LETTERS.findall(text)) + len(_DIGIT.findall(text))
-            + sum((len(p) + 1) // 2 for p in _PUNCT.findall(text)) + len(_LONE_SPACE.findall(text)))
+    return len(_TOKEN.findall(text))
 
 
 @dataclass(frozen=True)
