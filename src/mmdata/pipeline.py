@@ -198,16 +198,19 @@ class TaskStats:
     by_source: Counter = field(default_factory=Counter)
     tokens: dict | None = None  # TokenBudget.to_json() of the written records
     max_answer_tokens: int = 0
+    key_sets: set[frozenset[str]] = field(default_factory=set)  # the optional keys its lines have (writer)
 
     def to_json(self) -> dict:
         return {"task": self.task, "read": self.read, "written": self.written,
                 "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items())),
-                "tokens": self.tokens, "max_answer_tokens": self.max_answer_tokens}
+                "tokens": self.tokens, "max_answer_tokens": self.max_answer_tokens,
+                "key_sets": sorted(sorted(k) for k in self.key_sets)}
 
     @classmethod
     def from_json(cls, data: dict) -> TaskStats:
+        key_sets = {frozenset(k) for k in data["key_sets"]} if "key_sets" in data else {frozenset({"?"})}
         return cls(data["task"], data["read"], data["written"], Counter(data["rejected"]),
-                   Counter(data.get("by_source", {})), data.get("tokens"), data.get("max_answer_tokens", 0))
+                   Counter(data.get("by_source", {})), data.get("tokens"), data.get("max_answer_tokens", 0), key_sets)
 
 
 @dataclass
@@ -235,6 +238,7 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
         try:
             line, sample, sizes = _process_row(ctx, task, position, row)
             lines.append(line)
+            stats.key_sets.add(optional_keys(line, ctx.recipe.output.format))
             turns = [(m.role, m.content) for m in sample.messages]
             budget.add(turns, sizes)
             stats.max_answer_tokens = max([stats.max_answer_tokens, *(
@@ -626,8 +630,10 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
     stats = _collect_stats(layout, range(num_tasks))
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
     splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
+    key_sets = set().union(*(s.key_sets for s in stats if s.written))
+    uniform = next(iter(key_sets)) if len(key_sets) == 1 and "?" not in next(iter(key_sets)) else None
     written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
-                                   recipe.output.shard_size, recipe.output.format)
+                                   recipe.output.shard_size, recipe.output.format, uniform)
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for split in SPLITS:
@@ -812,15 +818,20 @@ def _staged_lines(parts: list[Path]) -> Iterator[str]:
                 yield from f
 
 
-def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int, record_format: str):
+def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int, record_format: str,
+                   uniform: frozenset[str] | None = None):
     """Stream staged records in input order into their splits; returns per-split counts and optional keys.
 
-    A first pass finds the optional keys each split has (see :class:`_SplitWriter`); the second writes."""
+    ``uniform``: the optional keys of every record, when the tasks found them all alike (the common case); otherwise
+    a first pass finds the keys each split has (see :class:`_SplitWriter`). The last pass writes."""
     splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
-    seen: dict[str, set[frozenset[str]]] = {split: set() for split in splits}
-    for index, line in enumerate(_staged_lines(parts)):
-        seen[splitter(index)].add(optional_keys(line, record_format))
-    keys = {split: frozenset().union(*kinds) for split, kinds in seen.items()}
+    if uniform is not None:
+        keys = dict.fromkeys(splits, uniform)
+    else:
+        seen: dict[str, set[frozenset[str]]] = {split: set() for split in splits}
+        for index, line in enumerate(_staged_lines(parts)):
+            seen[splitter(index)].add(optional_keys(line, record_format))
+        keys = {split: frozenset().union(*kinds) for split, kinds in seen.items()}
     writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size, record_format,
                                    keys[split]) for split in splits}
     for index, line in enumerate(_staged_lines(parts)):
