@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,14 @@ def crash_setup(tmp_path):
     out = tmp_path / "out"
     recipe = recipe_for(tmp_path, out, info)
     info.write_text(json.dumps(USER_INFO))
+    started = time.monotonic()
     subprocess.run(cli(recipe), check=True, capture_output=True)
+    duration = time.monotonic() - started  # kill delays are fractions of it, whatever the machine's speed
     reference, ref_info = snapshot(out), json.loads(info.read_text())
     assert "k_train" in ref_info and "k_val" in ref_info
     shutil.rmtree(out)
     info.write_text(json.dumps(USER_INFO))
-    return tmp_path, recipe, out, info, reference, ref_info
+    return tmp_path, recipe, out, info, reference, ref_info, duration
 
 
 def kill_at(command: list[str], delay: float) -> bool:
@@ -112,11 +115,11 @@ def kill_at(command: list[str], delay: float) -> bool:
 
 
 def test_kill_9_twenty_times_never_leaves_a_corrupt_or_partial_visible_state_and_resume_completes(crash_setup):
-    tmp_path, recipe, out, info, reference, ref_info = crash_setup
+    tmp_path, recipe, out, info, reference, ref_info, duration = crash_setup
     rng = random.Random(7)
     killed = completed = 0
     for _ in range(20):
-        if kill_at(cli(recipe), rng.uniform(0.5, 1.5)):
+        if kill_at(cli(recipe), rng.uniform(0.15, 0.75) * duration):
             killed += 1
         else:
             completed += 1
@@ -135,7 +138,7 @@ def test_kill_9_twenty_times_never_leaves_a_corrupt_or_partial_visible_state_and
 
 
 def test_kill_9_during_a_rebuild_never_leaves_the_old_entry_pointing_at_files_being_rewritten(crash_setup):
-    tmp_path, recipe, out, info, reference, ref_info = crash_setup
+    tmp_path, recipe, out, info, reference, ref_info, duration = crash_setup
     changed = recipe_for(tmp_path, out, info, prompt="Describe the image.")
     subprocess.run(cli(changed), check=True, capture_output=True)
     new_reference, new_info = snapshot(out), json.loads(info.read_text())
@@ -144,7 +147,7 @@ def test_kill_9_during_a_rebuild_never_leaves_the_old_entry_pointing_at_files_be
         shutil.rmtree(out)
         info.write_text(json.dumps(USER_INFO))
         subprocess.run(cli(recipe), check=True, capture_output=True)  # a finished build of the old recipe
-        kill_at(cli(changed), rng.uniform(0.6, 1.4))
+        kill_at(cli(changed), rng.uniform(0.3, 0.9) * duration)
         current = json.loads(info.read_text())
         if (out / "mmdata_build.json").exists() and json.loads((out / "mmdata_build.json").read_text()) \
                 ["fingerprint"] == json.loads(new_reference["mmdata_build.json"])["fingerprint"]:
