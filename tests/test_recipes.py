@@ -54,6 +54,14 @@ def test_set_dotted_creates_missing_levels():
     assert data == {"images": {"mode": "link"}}
 
 
+def test_set_values_are_yaml_scalars_or_flow_lists_else_the_typed_string():
+    data = {}
+    for key, text in [("a", "10"), ("b", "true"), ("c", "[x, y]"), ("d", "描述: 这张图"), ("e", "- not a list"),
+                      ("f", "{k: v}")]:
+        set_dotted(data, key, text)
+    assert data == {"a": 10, "b": True, "c": ["x", "y"], "d": "描述: 这张图", "e": "- not a list", "f": {"k": "v"}}
+
+
 def test_convert_options_need_convert_mode(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", {**BASE, "images": {"max_pixels": 1000}})
     with pytest.raises(RecipeError, match="images.mode: convert"):

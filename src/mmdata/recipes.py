@@ -337,12 +337,16 @@ def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
 
 
 def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
-    """``set_dotted(d, "output.dir", "x")``; values given as strings are parsed as YAML scalars (``10`` -> 10)."""
-    if isinstance(value, str):
+    """``set_dotted(d, "output.dir", "x")``; values given as strings are parsed as YAML scalars (``10`` -> 10) or
+    flow collections (``[a, b]``); anything else stays the string typed (``prompt=描述: 这张图`` is a prompt, not a
+    mapping)."""
+    if isinstance(value, str) and value.strip():
         try:
-            value = yaml.safe_load(value) if value.strip() else value
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            pass
+            parsed = value
+        flow = value.lstrip().startswith(("[", "{"))
+        value = parsed if flow or not isinstance(parsed, (dict, list)) else value
     keys = dotted_key.split(".")
     node = data
     for key in keys[:-1]:
