@@ -198,17 +198,18 @@ class TaskStats:
     by_source: Counter = field(default_factory=Counter)
     tokens: dict | None = None  # TokenBudget.to_json() of the written records
     max_answer_tokens: int = 0
-    key_sets: set[frozenset[str]] = field(default_factory=set)  # the optional keys its lines have (writer)
+    # the optional-key sets of its lines (see the writer); None for markers written before they were recorded
+    key_sets: set[frozenset[str]] | None = field(default_factory=set)
 
     def to_json(self) -> dict:
         return {"task": self.task, "read": self.read, "written": self.written,
                 "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items())),
                 "tokens": self.tokens, "max_answer_tokens": self.max_answer_tokens,
-                "key_sets": sorted(sorted(k) for k in self.key_sets)}
+                "key_sets": None if self.key_sets is None else sorted(sorted(k) for k in self.key_sets)}
 
     @classmethod
     def from_json(cls, data: dict) -> TaskStats:
-        key_sets = {frozenset(k) for k in data["key_sets"]} if "key_sets" in data else {frozenset({"?"})}
+        key_sets = None if data.get("key_sets") is None else {frozenset(k) for k in data["key_sets"]}
         return cls(data["task"], data["read"], data["written"], Counter(data["rejected"]),
                    Counter(data.get("by_source", {})), data.get("tokens"), data.get("max_answer_tokens", 0), key_sets)
 
@@ -630,10 +631,8 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
     stats = _collect_stats(layout, range(num_tasks))
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
     splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
-    key_sets = set().union(*(s.key_sets for s in stats if s.written))
-    uniform = next(iter(key_sets)) if len(key_sets) == 1 and "?" not in next(iter(key_sets)) else None
     written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
-                                   recipe.output.shard_size, recipe.output.format, uniform)
+                                   recipe.output.shard_size, recipe.output.format, _uniform_keys(stats))
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for split in SPLITS:
@@ -651,6 +650,15 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         merge_dataset_info(layout.dataset_info, entries, overwrite=recipe.output.overwrite)
     write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     return _result_from_manifest(layout, manifest)
+
+
+def _uniform_keys(stats: list[TaskStats]) -> frozenset[str] | None:
+    """The optional keys of every written record when all tasks saw the same ones, else None (look at the lines)."""
+    written = [s.key_sets for s in stats if s.written]
+    if any(k is None for k in written):
+        return None
+    key_sets = set().union(*written)
+    return next(iter(key_sets)) if len(key_sets) == 1 else None
 
 
 def _reasons(counts: dict) -> str:
@@ -747,8 +755,9 @@ class _SplitWriter:
     Every line carries all the optional keys of its split (``keys``): a record without images in a split that has
     some gets ``"images": []``. Shards hold ``shard_size`` records, except in a split where some records lack a key
     that others have: there a shard ends only before a record that has them all (and the first shard only once it
-    holds one), so every shard starts with a record whose lists are not empty and LLaMA-Factory types ``images`` as a list of strings whichever shard it
-    reads first (an all-empty first chunk types it as a list of nulls and the next shard fails to cast).
+    holds one). So every shard starts with a record whose lists are not empty, and LLaMA-Factory types ``images`` as
+    a list of strings whichever shard it reads first (an all-empty first chunk types it as a list of nulls, and the
+    next shard fails to cast).
     """
 
     def __init__(self, final: Path, file_format: str, shard_size: int, record_format: str,
