@@ -171,28 +171,58 @@ def test_long_samples_are_dropped_and_counted(build_dir, processor):
     assert stats.kept == 1 and stats.dropped == {"longer than cutoff_len": 1}
 
 
-def test_packed_and_padded_batches_give_the_same_loss(build_dir, processor, tiny_model):
+def test_labelled_position_losses_match_the_models_own_loss_and_gradient(build_dir, processor, tiny_model):
+    """The chunked projection (padded and packed rows) and the logits fallback give the model's loss and gradient."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from mmdata.train.trainer import chunked_cross_entropy_sum
+    from mmdata.train.loss import (
+        NO_POSITIONS,
+        cross_entropy_sum,
+        final_norm,
+        projected_cross_entropy_sum,
+        tap_final_hidden_states,
+    )
 
     info, names = resolve_split(build_dir, "val")
     dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=20000,
                                cutoff_len=4096)
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
-    losses = []
-    for pack in (False, True):
+    probe = model.get_decoder().layers[-1].mlp.down_proj.weight
+
+    def loss_and_grad(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), probe.grad.clone()
+
+    def padded_or_packed(pack):
         batch = VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack)([dataset[0], dataset[1]])
-        labels, keep, targets = batch.pop("labels"), batch.pop("logits_to_keep"), batch.pop("target_labels")
+        labels, positions, targets = batch.pop("labels"), batch.pop("label_positions"), batch.pop("target_labels")
+        assert targets.numel() == (labels != -100).sum()
+        with tap_final_hidden_states(final_norm(model)) as hidden:
+            out = model(**batch, logits_to_keep=NO_POSITIONS, use_cache=False)
+        assert out.logits.shape[1] == 0  # the model itself projected nothing
+        weight = model.get_output_embeddings().weight
+        return projected_cross_entropy_sum(hidden[-1][positions], weight, targets, chunk=7) / targets.numel()
+
+    def from_logits():
+        batch = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+        batch.pop("labels")
+        positions, targets = batch.pop("label_positions"), batch.pop("target_labels")
+        keep = positions.any(dim=0).nonzero().squeeze(1)
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-        logits = logits if logits.shape[1] == keep.numel() else logits[:, keep]
-        losses.append(chunked_cross_entropy_sum(logits, targets, chunk=7) / (labels != -100).sum())
-    # the reference: the model's own loss over the full logits of the padded batch
-    batch = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
-    batch.pop("logits_to_keep"), batch.pop("target_labels")
-    reference = model(**batch, use_cache=False).loss
-    assert losses[0].item() == pytest.approx(reference.item(), rel=1e-5)
-    assert losses[1].item() == pytest.approx(reference.item(), rel=1e-5)
+        return cross_entropy_sum(logits[positions[:, keep]], targets, chunk=5) / targets.numel()
+
+    def reference():  # the model's own loss over the full logits of the padded batch
+        batch = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+        batch.pop("label_positions"), batch.pop("target_labels")
+        return model(**batch, use_cache=False).loss
+
+    expected_loss, expected_grad = loss_and_grad(reference)
+    for compute in (lambda: padded_or_packed(False), lambda: padded_or_packed(True), from_logits):
+        loss, grad = loss_and_grad(compute)
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -349,3 +379,88 @@ def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_di
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] <= losses[0] / 2, losses
     assert json.loads((out / "mmdata_train.json").read_text())["adapter_dtype"] == "float32"
+
+
+def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
+    """compile: true (decoder layers under torch.compile, checkpointing inside) follows the eager loss curve,
+    across micro-batches of different lengths and image counts."""
+    from torch._dynamo.utils import counters
+
+    from mmdata.train.trainer import train
+
+    counters.clear()
+    build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 4, [ONE_TURN])
+    curves = {}
+    for compile_ in (False, True):
+        out = tmp_path / f"compile_{compile_}"
+        config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
+                                   max_steps=6, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                   per_device_train_batch_size=2, gradient_accumulation_steps=1, logging_steps=1,
+                                   save_steps=100, min_pixels=3136, max_pixels=20000, compile=compile_)
+        record = train(config)
+        assert record["compiled"] is compile_
+        state = json.loads((out / "trainer_state.json").read_text())
+        curves[compile_] = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(curves[True]) == 6
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
+    assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+
+
+def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model):
+    """With dropout on, a checkpointed compiled step recomputes the forward's masks: gradients equal those of the
+    same step without checkpointing (a different mask would change every adapter's gradient)."""
+    from mmdata.train.model import attach_lora, compile_language_layers, load_model
+
+    config = load_train_config(None, model=str(tiny_model), dataset="d", lora_dropout=0.3, lora_r=8)
+
+    def gradients(checkpointing: bool) -> dict:
+        torch.manual_seed(0)
+        model = attach_lora(load_model(str(tiny_model), dtype=torch.float32), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero, which would hide the masks from the A gradients
+                torch.nn.init.normal_(param, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        compile_language_layers(model)
+        grads = []
+        for length in (40, 72):
+            torch.manual_seed(length)
+            ids = torch.randint(0, 500, (2, length))
+            model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            model.zero_grad()
+        return grads
+
+    with_checkpoint, without = gradients(True), gradients(False)
+    for a, b in zip(with_checkpoint, without, strict=True):
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("lora_vision", [False, True])
+def test_frozen_vision_tower_is_not_differentiated(build_dir, processor, tiny_model, lora_vision):
+    """Gradient checkpointing hooks the patch embedding to require grad; a frozen tower must still run without
+    autograd (no recompute, no backward), while LoRA on the vision blocks keeps it differentiable."""
+    from mmdata.train.model import attach_lora, load_model, run_frozen_vision_without_grad
+
+    config = load_train_config(None, model=str(tiny_model), dataset="d", lora_vision=lora_vision)
+    model = attach_lora(load_model(str(tiny_model), dtype=torch.float32), config)
+    assert run_frozen_vision_without_grad(model) is not lora_vision
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as Trainer does
+    model.train()
+    info, names = resolve_split(build_dir, "train")
+    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=20000,
+                               cutoff_len=4096)
+    batch = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    seen = []
+    visual = model.get_base_model().model.visual
+    handle = visual.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")}
+    out = model(**inputs, use_cache=False)
+    handle.remove()
+    features = seen[0] if isinstance(seen[0], torch.Tensor) else seen[0][0]  # a tensor, or a model output
+    assert features.requires_grad is lora_vision
+    out.logits.float().mean().backward()  # the adapters of the language model still get gradients
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and "visual" not in n)

@@ -80,6 +80,9 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer of the language model (fewer, fused kernels; the "
+                            "first steps pay the compile time). auto: on a CUDA GPU without QLoRA or DeepSpeed")
 
     # bookkeeping
     eval_steps: int | None = Field(None, ge=1, description="evaluate on the val split every N steps")
@@ -106,6 +109,9 @@ class TrainConfig(BaseModel):
             raise ValueError("target_modules is empty: name at least one linear layer, e.g. q_proj,v_proj")
         if self.quantization_bit and self.deepspeed and "3" in Path(self.deepspeed).name:
             raise ValueError("quantization_bit with DeepSpeed ZeRO-3 is not supported: use ZeRO-2 or drop QLoRA")
+        if self.compile is True and (self.quantization_bit or self.deepspeed):
+            raise ValueError("compile: true does not work with quantization_bit or deepspeed (their layers and "
+                             "hooks break torch.compile graphs); use compile: auto or false")
         if self.adapter_dtype == "bf16" and (self.precision in ("fp16", "fp32") or self.quantization_bit
                                              or self.deepspeed):
             raise ValueError("adapter_dtype: bf16 needs precision bf16 (or auto on a bf16 GPU) without "

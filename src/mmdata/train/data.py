@@ -321,8 +321,9 @@ class LengthGroupedBatchOrder(torch.utils.data.Sampler):
 class VisionSFTCollator:
     """Stacks samples into a micro-batch (padded, or one packed row) and marks which positions need logits.
 
-    ``logits_to_keep`` (positions followed by a label) and ``target_labels`` (those labels) let the step compute
-    the vocabulary projection and the loss only where it matters; ``labels`` stays for HF Trainer's token count.
+    ``label_positions`` (rows x positions, True where the next token is a label) and ``target_labels`` (those labels
+    in row-major order) let the step project onto the vocabulary only where a loss is taken (``loss.py``);
+    ``labels`` stays for HF Trainer's token count.
     Padded rows are rounded up to ``pad_to_multiple_of`` tokens: a few padding tokens cost little on a launch-bound
     step, while every new sequence length makes cuDNN's attention build (on the CPU) a plan for that shape.
     """
@@ -357,10 +358,11 @@ class VisionSFTCollator:
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
             batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in features if "image_grid_thw" in f])
-        keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        positions = torch.zeros(labels.shape, dtype=torch.bool)
+        positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         batch["labels"] = labels
-        batch["logits_to_keep"] = keep
-        batch["target_labels"] = labels[:, keep + 1]
+        batch["label_positions"] = positions
+        batch["target_labels"] = labels[:, 1:][positions[:, :-1]]
         return batch
 
 

@@ -173,3 +173,49 @@ def attach_lora(model, config: TrainConfig, adapter_dtype: torch.dtype = torch.f
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     return peft_model
+
+
+def run_frozen_vision_without_grad(model) -> bool:
+    """Run the vision tower under ``torch.no_grad`` when none of its weights train; returns whether it does.
+
+    Why: with gradient checkpointing, transformers and PEFT call ``enable_input_require_grads``, which hooks every
+    sub-model's input embeddings -- the vision tower's patch embedding included. Its output then requires a
+    gradient, so a frozen vision tower is checkpointed, recomputed and backpropagated on every step (for nothing:
+    no weight in it trains), with its per-image attention calls three times over. LoRA on the vision blocks or the
+    merger (``lora_vision``, ``lora_merger``) keeps the tower differentiable.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = next((m for n, m in base.named_modules() if n.split(".")[-1] == "visual"), None)
+    if visual is None or any(p.requires_grad for p in visual.parameters()):
+        return False
+    visual.forward = torch.no_grad()(visual.forward)
+    return True
+
+
+def should_compile(config: TrainConfig) -> bool:
+    """``compile: auto`` is on for CUDA training without QLoRA or DeepSpeed (whose modules break the graphs)."""
+    if config.compile == "auto":
+        return torch.cuda.is_available() and not config.quantization_bit and not config.deepspeed
+    return bool(config.compile)
+
+
+def compile_language_layers(model) -> int:
+    """``torch.compile`` the parts of every decoder layer of the language model in place; returns how many.
+
+    Why: with LoRA on seven projections, a Qwen2-VL decoder layer runs ~100 small kernels (dropout, scaling and
+    addition per adapter, RMSNorm, M-RoPE), so an eager step is bound by the CPU launching them, not by the GPU.
+    Why the layer's children (attention, MLP, norms) and not the layer: transformers checkpoints inside the layer's
+    ``forward``, and a compiled checkpoint must replay LoRA's dropout masks in the compiler's own random-number
+    path (torch 2.11 fails to compile that graph; later versions have had silent mask bugs there). Compiled
+    children run under the eager checkpoint, which restores the RNG state before recomputing, so the recomputed
+    masks are the forward's (tested: gradients with and without checkpointing are equal). The layers are alike,
+    so a handful of graphs serve all of them; the rest of the model (vision tower with its per-image attention
+    loop, the data-dependent image-token scatter) stays eager. ``dynamic=True``: micro-batches differ in length
+    and size, and shape-generic graphs avoid recompiling mid-run.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.get_decoder().layers
+    for layer in layers:
+        for child in layer.children():
+            child.compile(dynamic=True)
+    return len(layers)

@@ -3,7 +3,7 @@
 Why HF ``Trainer``: checkpoints, ``trainer_state.json``, resume, DDP (``torchrun`` / ``accelerate launch``),
 DeepSpeed ZeRO-2/3, schedulers and loggers come from one well-kept library. This module only adds what it lacks for
 this workload: a length-grouped sampler over precomputed lengths, and a loss that projects onto the vocabulary only
-at positions followed by a label, in chunks, so micro-batches can be large without the logits tensor
+at positions followed by a label, in chunks (``loss.py``), so micro-batches can be large without the logits tensor
 (tokens x 151,936) dominating memory.
 """
 
@@ -17,62 +17,45 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig, TrainError
 from .data import LengthGroupedBatchOrder, VisionSFTCollator, build_dataset, read_conversations, resolve_split
+from .loss import NO_POSITIONS, cross_entropy_sum, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
 from .model import (
     attach_lora,
+    compile_language_layers,
     load_model,
     load_processor,
     pick_adapter_dtype,
     pick_attention,
     pick_dtype,
     resolve_model_path,
+    run_frozen_vision_without_grad,
+    should_compile,
 )
 
 RUN_RECORD = "mmdata_train.json"
-LOSS_CHUNK = 1024  # positions per vocabulary-projection chunk in the loss
-
-
-def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """Sum of token cross-entropies, upcasting to fp32 one chunk at a time (recomputed in backward).
-
-    ``F.cross_entropy`` on a whole fp32 copy of the logits would keep ``positions x vocab x 4`` bytes alive until
-    backward; checkpointing each chunk keeps only the (bf16) logits themselves.
-    """
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1).to(logits.device)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], chunk):
-        part, target = logits[start: start + chunk], targets[start: start + chunk]
-        if logits.requires_grad:
-            total = total + checkpoint(_ce_sum, part, target, use_reentrant=False)
-        else:
-            total = total + _ce_sum(part, target)
-    return total
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
 def _trainer_class():
     from transformers import Trainer
 
     class VisionSFTTrainer(Trainer):
-        """HF ``Trainer`` with a length-grouped sampler and the logits-where-needed loss.
+        """HF ``Trainer`` with a length-grouped sampler and the loss of ``loss.py``.
 
         ``autocast``: the dtype to autocast the forward pass to, or None. The trainer autocasts the forward itself
-        instead of asking accelerate (``bf16=True``), whose wrapper hands back every output -- the logits of all
-        labelled positions -- as an fp32 copy.
+        instead of asking accelerate (``bf16=True``), whose wrapper hands back every output as an fp32 copy.
         """
 
         def __init__(self, *args, autocast: torch.dtype | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # our loss divides by the batch's label count itself
             self.autocast = autocast
+            # ZeRO-3 partitions lm_head's weight, which then exists only inside the model's forward
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            self.project_in_loss = not is_deepspeed_zero3_enabled()
+            self.final_norm = final_norm(self.model)
 
         def _get_train_sampler(self, *args, **kwargs):
             lengths = self.train_dataset.lengths
@@ -81,21 +64,31 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             inputs.pop("labels", None)
-            keep, targets = inputs.pop("logits_to_keep"), inputs.pop("target_labels")
-            device = inputs["input_ids"].device.type
-            with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-            logits = outputs.logits
-            if logits.shape[1] != keep.numel():  # transformers versions that ignore a tensor logits_to_keep
-                logits = logits[:, keep]
-            loss = chunked_cross_entropy_sum(logits, targets)
+            positions, targets = inputs.pop("label_positions"), inputs.pop("target_labels")
+            loss, outputs = self.labelled_cross_entropy_sum(model, inputs, positions, targets)
             if num_items_in_batch is None:
-                loss = loss / (targets != -100).sum().clamp(min=1)
+                loss = loss / targets.numel() if targets.numel() else loss
             else:
                 loss = loss / num_items_in_batch
                 if getattr(self.args, "average_tokens_across_devices", False):
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
+
+        def labelled_cross_entropy_sum(self, model, inputs, positions, targets):
+            """Forward pass, then the summed cross-entropy at ``positions`` (see ``loss.py``)."""
+            device = inputs["input_ids"].device
+            with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                if self.project_in_loss:
+                    with tap_final_hidden_states(self.final_norm) as hidden:
+                        outputs = model(**inputs, logits_to_keep=NO_POSITIONS.to(device), use_cache=False)
+                    head = self.model.get_output_embeddings()
+                    return projected_cross_entropy_sum(hidden[-1][positions], head.weight, targets), outputs
+                keep = positions.any(dim=0).nonzero().squeeze(1)
+                outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits
+            if logits.shape[1] != keep.numel():  # transformers versions that ignore a tensor logits_to_keep
+                logits = logits[:, keep]
+            return cross_entropy_sum(logits[positions[:, keep]], targets), outputs
 
     return VisionSFTTrainer
 
@@ -205,6 +198,10 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set))
     model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
                         config, adapter_dtype)
+    run_frozen_vision_without_grad(model)
+    compiled = should_compile(config)
+    if compiled:
+        compile_language_layers(model)
     trainer = (trainer_class or _trainer_class())(
         callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
@@ -221,6 +218,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
         "attn_implementation": attn,
         "dtype": str(dtype).removeprefix("torch."),
         "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
+        "compiled": compiled,
         "metrics": result.metrics,
         "global_step": trainer.state.global_step,
     }

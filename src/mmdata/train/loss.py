@@ -1,0 +1,87 @@
+"""The training loss: cross-entropy at labelled positions only, projected onto the vocabulary chunk by chunk.
+
+Why not the model's own loss: Qwen2-VL's ``lm_head`` maps every position to 151,936 logits. A micro-batch of 16
+LaTeX samples has ~3,400 positions of which ~1,600 carry a label; the model's loss materialises bf16 logits for all
+of them, an fp32 copy for the cross-entropy, and the gradient of both -- several GB, more than the activations of
+the whole checkpointed language model. Here the step takes the final hidden states (``tap_final_hidden_states``),
+keeps the labelled rows, and projects them in chunks of ``LOSS_CHUNK`` rows whose logits are recomputed in backward,
+so at most one chunk's logits exist at a time (the idea of Liger-Kernel's fused linear cross-entropy, in plain
+PyTorch so it runs on any device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSS_CHUNK = 256  # labelled positions per vocabulary projection: 256 x 151,936 fp32 logits = 156 MB
+
+# ``logits_to_keep`` that keeps no position: the model skips its own vocabulary projection
+NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+
+def projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Sum over rows of ``cross_entropy(hidden @ weight.T, targets)``; ``hidden`` is (N, d), ``weight`` (V, d).
+
+    Each chunk's logits are computed in the weight's dtype, upcast to fp32 for the softmax, and freed; in backward
+    they are recomputed (``checkpoint``), so memory holds one chunk's logits instead of N x V.
+    """
+    targets = targets.to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part, target = hidden[start: start + chunk], targets[start: start + chunk]
+        if torch.is_grad_enabled() and (part.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_loss, part, weight, target, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(part, weight, target)
+    return total
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden.to(weight.dtype), weight)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """The same sum from logits the model already computed, (N, V); upcast to fp32 one chunk at a time.
+
+    Used where the projection weight cannot be read outside the model's forward (DeepSpeed ZeRO-3 partitions it).
+    """
+    targets = targets.to(logits.device)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk):
+        part, target = logits[start: start + chunk], targets[start: start + chunk]
+        if torch.is_grad_enabled() and part.requires_grad:
+            total = total + checkpoint(_logits_loss, part, target, use_reentrant=False)
+        else:
+            total = total + _logits_loss(part, target)
+    return total
+
+
+def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The language model's last RMSNorm: its output is what ``lm_head`` projects (``last_hidden_state``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().norm
+
+
+@contextlib.contextmanager
+def tap_final_hidden_states(norm: torch.nn.Module):
+    """Record the output of ``norm`` during a forward pass; yields a list that receives it.
+
+    A forward hook, not a call into the inner model, so the forward still goes through the DDP / DeepSpeed wrapper
+    that the trainer hands to ``compute_loss`` (its gradient synchronisation depends on that).
+    """
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
