@@ -200,7 +200,7 @@ def summarise(name: str, clock, data_wait, per_step_samples: list[list[tuple]], 
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "mfu_pct": round(100 * flops / seconds / peak, 2), "data_wait_pct": round(100 * data / seconds, 1),
-            "step_s": round(seconds / len(window), 3),
+            "step_s": round(seconds / len(window), 3), "first_step_s": round(clock.ends[0] - clock.start, 1),
             **{k: torch.cuda.memory_stats().get(k) for k in ("num_alloc_retries", "num_device_alloc")}}
 
 
@@ -297,7 +297,7 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> di
 
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batch: int, accum: int,
                out: Path | None = None, deepspeed: str | None = None, batching: str = "pad",
-               adapter_dtype: str = "auto") -> dict:
+               adapter_dtype: str = "auto", compile: str = "auto") -> dict:
     import gc
 
     import torch
@@ -310,14 +310,14 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batc
     torch.cuda.reset_peak_memory_stats()
     StepClock, timed, wait = _timing_tools()
     clock = StepClock()
-    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{adapter_dtype}"
+    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{adapter_dtype}_{compile}"
     config = load_train_config(
         None, model=str(root / "qwen2vl-2b-random"), dataset=str(root / kind), output_dir=str(output_dir),
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
         precision="bf16", logging_steps=1, save_steps=10_000, resume=False, max_samples=16 * steps,
         deepspeed=deepspeed, batching=batching, dataloader_num_workers=8, lr_scheduler_type="linear",
-        adapter_dtype=adapter_dtype)
+        adapter_dtype=adapter_dtype, compile=compile)
     record = train(config, callbacks=[clock], trainer_class=timed(_trainer_class()))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -325,6 +325,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batc
     samples = _mmdata_samples(root, kind, 16 * steps)
     per_step = [samples[i * 16 // world:(i + 1) * 16 // world] for i in range(steps)]
     result = summarise(f"mmdata/{kind}/{batch}x{accum}/{record['adapter_dtype']}"
+                       + ("/compiled" if record["compiled"] else "/eager")
                        + (f"/{Path(deepspeed).stem}" if deepspeed else ""), clock, wait, per_step, warmup, gpu)
     result["losses"] = [h["loss"] for h in state["log_history"] if "loss" in h]
     result["dropped"] = record["data"]["train"]["dropped"]
@@ -347,16 +348,16 @@ def _mmdata_samples(root: Path, kind: str, n: int) -> list[tuple]:
     return out
 
 
-def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
-    """One micro-batch's forward + backward under torch.profiler; the top CUDA ops, and a coarse breakdown."""
+def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True) -> str:
+    """One micro-batch's forward + backward as the trainer runs it, timed and under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoProcessor
 
     from mmdata.train.config import load_train_config
     from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
-    from mmdata.train.model import attach_lora, load_model
-    from mmdata.train.trainer import chunked_cross_entropy_sum
+    from mmdata.train.loss import NO_POSITIONS, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
+    from mmdata.train.model import attach_lora, compile_language_layers, load_model, run_frozen_vision_without_grad
 
     model_dir = root / "qwen2vl-2b-random"
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -367,14 +368,23 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
     model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config, torch.bfloat16).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    run_frozen_vision_without_grad(model)
+    if compile_layers:
+        compile_language_layers(model)
     batch_t = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
     batch_t = {k: v.cuda() for k, v in batch_t.items()}
     batch_t.pop("labels")
-    keep, targets = batch_t.pop("logits_to_keep"), batch_t.pop("target_labels")
+    positions, targets = batch_t.pop("label_positions"), batch_t.pop("target_labels")
+    norm, head = final_norm(model), model.get_output_embeddings()
+    none = NO_POSITIONS.cuda()
+
+    def forward():
+        with tap_final_hidden_states(norm) as hidden:
+            model(**batch_t, logits_to_keep=none, use_cache=False)
+        return hidden[-1]
 
     def step():  # as the trainer runs it: bf16 model and adapters, no autocast
-        logits = model(**batch_t, logits_to_keep=keep, use_cache=False).logits
-        loss = chunked_cross_entropy_sum(logits, targets) / (targets != -100).sum()
+        loss = projected_cross_entropy_sum(forward()[positions], head.weight, targets) / targets.numel()
         loss.backward()
 
     def timed(fn, n=3):
@@ -388,20 +398,60 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path) -> str:
 
     base = model.get_base_model()
     visual = base.model.visual if hasattr(base.model, "visual") else base.visual
-    lines = [f"micro-batch {batch} x {kind}: {batch_t['input_ids'].shape[1]} padded tokens/row"]
+    lines = [f"micro-batch {batch} x {kind}: {batch_t['input_ids'].shape[1]} padded tokens/row, "
+             f"{targets.numel()} labelled, layers {'compiled' if compile_layers else 'eager'}"]
     with torch.no_grad():
         lines.append(f"vision tower forward: {timed(lambda: visual(batch_t['pixel_values'].to(torch.bfloat16), grid_thw=batch_t['image_grid_thw'])):.1f} ms")
-        lines.append(f"full forward (no grad): {timed(lambda: model(**batch_t, logits_to_keep=keep, use_cache=False)):.1f} ms")
+        lines.append(f"full forward (no grad): {timed(forward):.1f} ms")
     lines.append(f"forward+backward (checkpointing): {timed(step):.1f} ms")
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as mq  # noqa: F401
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     text = "\n".join(lines) + "\n" + table
     (out / f"profile_{kind}.txt").write_text(text)
-    torch.cuda.empty_cache()
     return "\n".join(lines)
+
+
+def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dict:
+    """Compiled layers under checkpointing must recompute the forward's LoRA dropout masks on this GPU too: the
+    adapter gradients of one micro-batch with and without checkpointing, as a relative difference per tensor
+    (bf16 kernels differ in rounding; a different mask gives differences of order 1)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from mmdata.train.config import load_train_config
+    from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
+    from mmdata.train.model import attach_lora, compile_language_layers, load_model
+
+    model_dir = root / "qwen2vl-2b-random"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    info, names = resolve_split(root / kind, "train")
+    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
+                               cutoff_len=2048, max_samples=batch)
+    inputs = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
+    inputs = {k: v.cuda() for k, v in inputs.items() if k not in ("labels", "label_positions", "target_labels")}
+    config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS, lora_dropout=0.05)
+
+    def gradients(checkpointing: bool) -> dict:
+        torch.manual_seed(0)
+        model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config, torch.bfloat16).cuda()
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        compile_language_layers(model)
+        torch.manual_seed(1)
+        model(**inputs, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    a, b = gradients(True), gradients(False)
+    rel = [((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-12)).item() for n in a]
+    torch.cuda.empty_cache()
+    return {"check": "dropout replay (compiled, checkpointing vs not)", "tensors": len(rel),
+            "max_relative_diff": max(rel), "median_relative_diff": sorted(rel)[len(rel) // 2]}
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -413,13 +463,19 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def _mmdata_runs(spec: str) -> list[tuple[str, int, int, str]]:
-    """``latex:16x1,med:8x2:fp32`` -> [(kind, micro-batch, accumulation, adapter_dtype)]."""
+def _mmdata_runs(spec: str) -> list[tuple[str, int, int, str, str]]:
+    """``latex:16x1,med:8x2:fp32:eager`` -> [(kind, micro-batch, accumulation, adapter_dtype, compile)].
+
+    Options after the shape: an adapter dtype (auto, bf16, fp32) and/or ``eager`` (compile: false) or
+    ``compiled`` (compile: true); unnamed ones keep the trainer's defaults (auto)."""
     runs = []
     for item in spec.split(","):
-        kind, shape, *dtype = item.split(":")
+        kind, shape, *options = item.split(":")
         batch, accum = (int(x) for x in shape.split("x"))
-        runs.append((kind, batch, accum, dtype[0] if dtype else "auto"))
+        dtype = next((o for o in options if o in ("auto", "bf16", "fp32")), "auto")
+        compile_ = {"eager": "false", "compiled": "true"}.get(next((o for o in options if o in ("eager", "compiled")),
+                                                                   ""), "auto")
+        runs.append((kind, batch, accum, dtype, compile_))
     return runs
 
 
@@ -428,8 +484,11 @@ def cmd_single(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = _gpu_name()
     results = []
-    jobs = [lambda k=k, b=b, a=a, d=d: run_mmdata(Path(args.root), k, args.steps, args.warmup, gpu, batch=b, accum=a,
-                                                  adapter_dtype=d) for k, b, a, d in _mmdata_runs(args.mmdata)]
+    if args.check_replay:
+        print(json.dumps(check_dropout_replay(Path(args.root))), flush=True)
+    jobs = [lambda k=k, b=b, a=a, d=d, c=c: run_mmdata(Path(args.root), k, args.steps, args.warmup, gpu, batch=b,
+                                                       accum=a, adapter_dtype=d, compile=c)
+            for k, b, a, d, c in _mmdata_runs(args.mmdata)]
     if args.tutorial_steps:
         jobs += [lambda k=k: run_tutorial(Path(args.root), k, args.tutorial_steps, args.warmup, gpu)
                  for k in ("latex", "med")]
@@ -499,8 +558,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--tutorial-steps", type=int, default=12, help="0: skip the tutorial runs")
     parser.add_argument("--mmdata", default="latex:16x1,med:8x2",
-                        help="mmdata runs of `single`: kind:BATCHxACCUM[:adapter_dtype], comma-separated")
+                        help="mmdata runs of `single`: kind:BATCHxACCUM[:adapter_dtype][:eager|compiled], "
+                             "comma-separated")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler step")
+    parser.add_argument("--check-replay", action="store_true",
+                        help="first compare adapter gradients with and without checkpointing (compiled layers)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")
     args = parser.parse_args()
