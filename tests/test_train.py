@@ -464,3 +464,43 @@ def test_frozen_vision_tower_is_not_differentiated(build_dir, processor, tiny_mo
     assert features.requires_grad is lora_vision
     out.logits.float().mean().backward()  # the adapters of the language model still get gradients
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and "visual" not in n)
+
+
+def test_two_process_ddp_matches_one_process_at_equal_global_batch(tiny_model, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) with 2 samples per process trains like one process with 2 x 2
+    accumulation: same loss curve, same adapter weights, and the saved adapter reloads with PEFT."""
+    import socket
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 8, [ONE_TURN])
+    common = ["--model", str(tiny_model), "--dataset", str(build), "--max-steps", "4", "--learning-rate", "1e-2",
+              "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--per-device-train-batch-size", "2",
+              "--logging-steps", "1", "--save-steps", "100", "--min-pixels", "3136", "--max-pixels", "20000",
+              "--compile", "false"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    "-m", "mmdata.cli", "train", "--output-dir", str(tmp_path / "ddp"),
+                    "--gradient-accumulation-steps", "1", *common],
+            "single": [sys.executable, "-m", "mmdata.cli", "train", "--output-dir", str(tmp_path / "single"),
+                       "--gradient-accumulation-steps", "2", *common]}
+    curves, adapters = {}, {}
+    for name, command in runs.items():
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        assert state["global_step"] == 4
+        curves[name] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    assert curves["ddp"] == pytest.approx(curves["single"], rel=1e-4)
+    assert adapters["ddp"].keys() == adapters["single"].keys()
+    for key in adapters["ddp"]:
+        torch.testing.assert_close(adapters["ddp"][key], adapters["single"][key], rtol=1e-3, atol=1e-5)
+    net = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model), tmp_path / "ddp")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(net(input_ids=ids, labels=ids).loss)
