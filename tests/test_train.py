@@ -382,8 +382,8 @@ def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_di
 
 
 def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
-    """compile: true (decoder layers under torch.compile, checkpointing inside) follows the eager loss curve,
-    across micro-batches of different lengths and image counts."""
+    """compile: true (each decoder layer's attention, MLP and norms under torch.compile, inside the eager
+    checkpoint) follows the eager loss curve, across micro-batches of different lengths and image counts."""
     from torch._dynamo.utils import counters
 
     from mmdata.train.trainer import train
@@ -404,6 +404,16 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
     assert len(curves[True]) == 6
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+
+
+def test_compile_choices():
+    from mmdata.train.model import should_compile
+
+    if not torch.cuda.is_available():  # auto is for CUDA; true forces it (CPU inductor, as in the tests here)
+        assert should_compile(load_train_config(None, model="m", dataset="d")) is False
+    assert should_compile(load_train_config(None, model="m", dataset="d", compile="true")) is True
+    with pytest.raises(TrainError, match="compile"):
+        load_train_config(None, model="m", dataset="d", compile=True, deepspeed="ds.json")
 
 
 def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model):

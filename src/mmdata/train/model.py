@@ -193,9 +193,13 @@ def run_frozen_vision_without_grad(model) -> bool:
 
 
 def should_compile(config: TrainConfig) -> bool:
-    """``compile: auto`` is on for CUDA training without QLoRA or DeepSpeed (whose modules break the graphs)."""
+    """``compile: auto`` is on for CUDA training with Triton (inductor's GPU code generator) and without QLoRA or
+    DeepSpeed (whose modules break the graphs); ``true`` is on anywhere (on a CPU it needs a C++ compiler)."""
     if config.compile == "auto":
-        return torch.cuda.is_available() and not config.quantization_bit and not config.deepspeed
+        from torch.utils._triton import has_triton
+
+        return (torch.cuda.is_available() and has_triton() and not config.quantization_bit
+                and not config.deepspeed)
     return bool(config.compile)
 
 

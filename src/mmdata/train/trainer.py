@@ -51,10 +51,10 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # our loss divides by the batch's label count itself
             self.autocast = autocast
-            # ZeRO-3 partitions lm_head's weight, which then exists only inside the model's forward
+            # ZeRO-3 and FSDP shard lm_head's weight, which then exists whole only inside the model's forward
             from transformers.integrations import is_deepspeed_zero3_enabled
 
-            self.project_in_loss = not is_deepspeed_zero3_enabled()
+            self.project_in_loss = not (is_deepspeed_zero3_enabled() or getattr(self, "is_fsdp_enabled", False))
             self.final_norm = final_norm(self.model)
 
         def _get_train_sampler(self, *args, **kwargs):
