@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import subprocess
@@ -224,6 +225,12 @@ def test_labelled_position_losses_match_the_models_own_loss_and_gradient(build_d
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
+    # a micro-batch without labelled rows still gives a differentiable zero (DDP ranks must all run backward)
+    empty = torch.zeros(0, probe.shape[0], requires_grad=True)
+    zero = projected_cross_entropy_sum(empty, model.get_output_embeddings().weight, torch.zeros(0, dtype=torch.long))
+    zero.backward()
+    assert zero.item() == 0.0 and empty.grad.shape == empty.shape
+
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -383,7 +390,8 @@ def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_di
 
 def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
     """compile: true (each decoder layer's attention, MLP and norms under torch.compile, inside the eager
-    checkpoint) follows the eager loss curve, across micro-batches of different lengths and image counts."""
+    checkpoint) follows the eager loss and eval-loss curves, across micro-batches of different lengths and image
+    counts."""
     from torch._dynamo.utils import counters
 
     from mmdata.train.trainer import train
@@ -396,12 +404,14 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
         config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
                                    max_steps=6, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                                    per_device_train_batch_size=2, gradient_accumulation_steps=1, logging_steps=1,
-                                   save_steps=100, min_pixels=3136, max_pixels=20000, compile=compile_)
+                                   save_steps=100, min_pixels=3136, max_pixels=20000, compile=compile_,
+                                   eval_steps=3)
         record = train(config)
         assert record["compiled"] is compile_
         state = json.loads((out / "trainer_state.json").read_text())
         curves[compile_] = [h["loss"] for h in state["log_history"] if "loss" in h]
-    assert len(curves[True]) == 6
+        curves[compile_] += [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    assert len(curves[True]) == 6 + 2  # six training losses, two evaluations on the val split
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
 
@@ -458,6 +468,9 @@ def test_frozen_vision_tower_is_not_differentiated(build_dir, processor, tiny_mo
     config = load_train_config(None, model=str(tiny_model), dataset="d", lora_vision=lora_vision)
     model = attach_lora(load_model(str(tiny_model), dtype=torch.float32), config)
     assert run_frozen_vision_without_grad(model) is not lora_vision
+    if not lora_vision:  # the no-grad forward belongs to the module, so a copy runs its own weights
+        copied = copy.deepcopy(model).get_base_model().model.visual
+        assert copied.forward.__self__ is copied
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as Trainer does
     model.train()
     info, names = resolve_split(build_dir, "train")

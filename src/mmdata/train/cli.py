@@ -24,7 +24,7 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--attn-implementation": {"choices": ["auto", "sdpa", "flash_attention_2", "eager"]},
     "--batching": {"choices": ["auto", "pad", "pack"]}, "--report-to": {"choices": ["none", "tensorboard", "swanlab"]},
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},
-    "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile the decoder layers (auto: on CUDA)"},
+    "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile each layer's attention/MLP/norms (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
 }
 
 

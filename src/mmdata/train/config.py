@@ -81,8 +81,9 @@ class TrainConfig(BaseModel):
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile each decoder layer of the language model (fewer, fused kernels; the "
-                            "first steps pay the compile time). auto: on a CUDA GPU without QLoRA or DeepSpeed")
+        "auto", description="torch.compile the attention, MLP and norms of every language-model layer (fewer, "
+                            "fused kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "
+                            "with Triton, without QLoRA, DeepSpeed or FSDP")
 
     # bookkeeping
     eval_steps: int | None = Field(None, ge=1, description="evaluate on the val split every N steps")

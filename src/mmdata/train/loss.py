@@ -27,10 +27,14 @@ def projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targ
                                 chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Sum over rows of ``cross_entropy(hidden @ weight.T, targets)``; ``hidden`` is (N, d), ``weight`` (V, d).
 
-    Each chunk's logits are computed in the weight's dtype, upcast to fp32 for the softmax, and freed; in backward
-    they are recomputed (``checkpoint``), so memory holds one chunk's logits instead of N x V.
+    Each chunk's logits are computed in the hidden states' dtype, upcast to fp32 for the softmax, and freed; in
+    backward they are recomputed (``checkpoint``), so memory holds one chunk's logits instead of N x V.
+    ``targets`` holds real token ids only (the collator drops ignored positions).
     """
+    if hidden.shape[0] == 0:  # keeps the graph (zero gradients), so DDP ranks stay in step
+        return hidden.float().sum()
     targets = targets.to(hidden.device)
+    weight = weight.to(hidden.dtype)  # once, not per chunk (QLoRA keeps lm_head in fp32)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         part, target = hidden[start: start + chunk], targets[start: start + chunk]
@@ -42,8 +46,7 @@ def projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targ
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden.to(weight.dtype), weight)
-    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
@@ -51,6 +54,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 
 
     Used where the projection weight cannot be read outside the model's forward (DeepSpeed ZeRO-3 partitions it).
     """
+    if logits.shape[0] == 0:
+        return logits.float().sum()
     targets = targets.to(logits.device)
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, logits.shape[0], chunk):
@@ -63,7 +68,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 
 
 
 def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def final_norm(model) -> torch.nn.Module:

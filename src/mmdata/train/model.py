@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -188,23 +189,35 @@ def run_frozen_vision_without_grad(model) -> bool:
     visual = next((m for n, m in base.named_modules() if n.split(".")[-1] == "visual"), None)
     if visual is None or any(p.requires_grad for p in visual.parameters()):
         return False
-    visual.forward = torch.no_grad()(visual.forward)
+    visual.forward = types.MethodType(_forward_without_grad, visual)  # bound to the module: deepcopy rebinds it
     return True
 
 
+def _forward_without_grad(module, *args, **kwargs):
+    with torch.no_grad():
+        return type(module).forward(module, *args, **kwargs)
+
+
 def should_compile(config: TrainConfig) -> bool:
-    """``compile: auto`` is on for CUDA training with Triton (inductor's GPU code generator) and without QLoRA or
-    DeepSpeed (whose modules break the graphs); ``true`` is on anywhere (on a CPU it needs a C++ compiler)."""
+    """``compile: auto`` is on for CUDA training with Triton (inductor's GPU code generator) and without QLoRA,
+    DeepSpeed or FSDP (whose modules and hooks break the graphs); ``true`` is on anywhere (a CPU needs a C++
+    compiler)."""
     if config.compile == "auto":
         from torch.utils._triton import has_triton
 
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         return (torch.cuda.is_available() and has_triton() and not config.quantization_bit
-                and not config.deepspeed)
+                and not config.deepspeed and not fsdp)
     return bool(config.compile)
 
 
-def compile_language_layers(model) -> int:
-    """``torch.compile`` the parts of every decoder layer of the language model in place; returns how many.
+# graphs per compiled function before torch falls back to eager: train and eval modes, grad and no-grad, a short
+# last micro-batch each add one (the default, 8, was reached by RMSNorm in a run with evaluation)
+RECOMPILE_LIMIT = 32
+
+
+def compile_language_layers(model) -> None:
+    """``torch.compile`` the parts of every decoder layer of the language model in place.
 
     Why: with LoRA on seven projections, a Qwen2-VL decoder layer runs ~100 small kernels (dropout, scaling and
     addition per adapter, RMSNorm, M-RoPE), so an eager step is bound by the CPU launching them, not by the GPU.
@@ -215,11 +228,14 @@ def compile_language_layers(model) -> int:
     masks are the forward's (tested: gradients with and without checkpointing are equal). The layers are alike,
     so a handful of graphs serve all of them; the rest of the model (vision tower with its per-image attention
     loop, the data-dependent image-token scatter) stays eager. ``dynamic=True``: micro-batches differ in length
-    and size, and shape-generic graphs avoid recompiling mid-run.
+    and size, and shape-generic graphs avoid recompiling mid-run. With flash-attention and packed rows the
+    attention graph breaks around flash-attn's data-dependent sequence lookup (still correct; measured only
+    with SDPA, as flash-attn was not installed on the benchmark GPU).
     """
+    import torch._dynamo.config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.get_decoder().layers
-    for layer in layers:
+    for layer in base.get_decoder().layers:
         for child in layer.children():
             child.compile(dynamic=True)
-    return len(layers)

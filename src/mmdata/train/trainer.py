@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ def _trainer_class():
 
             self.project_in_loss = not (is_deepspeed_zero3_enabled() or getattr(self, "is_fsdp_enabled", False))
             self.final_norm = final_norm(self.model)
+            self.warned_full_logits = False
 
         def _get_train_sampler(self, *args, **kwargs):
             lengths = self.train_dataset.lengths
@@ -67,7 +69,7 @@ def _trainer_class():
             positions, targets = inputs.pop("label_positions"), inputs.pop("target_labels")
             loss, outputs = self.labelled_cross_entropy_sum(model, inputs, positions, targets)
             if num_items_in_batch is None:
-                loss = loss / targets.numel() if targets.numel() else loss
+                loss = loss / max(targets.numel(), 1)
             else:
                 loss = loss / num_items_in_batch
                 if getattr(self.args, "average_tokens_across_devices", False):
@@ -81,6 +83,10 @@ def _trainer_class():
                 if self.project_in_loss:
                     with tap_final_hidden_states(self.final_norm) as hidden:
                         outputs = model(**inputs, logits_to_keep=NO_POSITIONS.to(device), use_cache=False)
+                    if outputs.logits.shape[1] and not self.warned_full_logits:
+                        self.warned_full_logits = True
+                        warnings.warn("this transformers version ignores logits_to_keep and computes every "
+                                      "position's logits (more memory); upgrade transformers", stacklevel=2)
                     head = self.model.get_output_embeddings()
                     return projected_cross_entropy_sum(hidden[-1][positions], head.weight, targets), outputs
                 keep = positions.any(dim=0).nonzero().squeeze(1)
