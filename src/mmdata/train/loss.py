@@ -31,22 +31,8 @@ def projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targ
     backward they are recomputed (``checkpoint``), so memory holds one chunk's logits instead of N x V.
     ``targets`` holds real token ids only (the collator drops ignored positions).
     """
-    if hidden.shape[0] == 0:  # keeps the graph (zero gradients), so DDP ranks stay in step
-        return hidden.float().sum()
-    targets = targets.to(hidden.device)
     weight = weight.to(hidden.dtype)  # once, not per chunk (QLoRA keeps lm_head in fp32)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        part, target = hidden[start: start + chunk], targets[start: start + chunk]
-        if torch.is_grad_enabled() and (part.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss, part, weight, target, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(part, weight, target)
-    return total
-
-
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    return _sum_over_chunks(_projected_loss, hidden, weight, targets, chunk=chunk)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
@@ -54,17 +40,29 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 
 
     Used where the projection weight cannot be read outside the model's forward (DeepSpeed ZeRO-3 partitions it).
     """
-    if logits.shape[0] == 0:
-        return logits.float().sum()
-    targets = targets.to(logits.device)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], chunk):
-        part, target = logits[start: start + chunk], targets[start: start + chunk]
-        if torch.is_grad_enabled() and part.requires_grad:
-            total = total + checkpoint(_logits_loss, part, target, use_reentrant=False)
-        else:
-            total = total + _logits_loss(part, target)
+    return _sum_over_chunks(_logits_loss, logits, targets, chunk=chunk)
+
+
+def _sum_over_chunks(chunk_loss, rows: torch.Tensor, *operands: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sum of ``chunk_loss(rows chunk, *shared, targets chunk)`` over chunks of ``chunk`` rows.
+
+    ``operands`` are the operands every chunk shares (the projection weight, if any), then the per-row targets.
+    Checkpointed per chunk where a gradient is needed, so backward recomputes one chunk's logits at a time.
+    """
+    *shared, targets = operands
+    if rows.shape[0] == 0:  # keeps the graph (zero gradients), so DDP ranks stay in step
+        return rows.float().sum()
+    targets = targets.to(rows.device)
+    needs_grad = torch.is_grad_enabled() and (rows.requires_grad or any(o.requires_grad for o in shared))
+    total = rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk):
+        args = (rows[start: start + chunk], *shared, targets[start: start + chunk])
+        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if needs_grad else chunk_loss(*args))
     return total
+
+
+def _projected_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
 def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
