@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from tests.conftest import write_recipe
 
@@ -153,6 +154,20 @@ def test_resume_after_a_crash_during_finalise(csv_src, tmp_path):
     (out / "scale_csv_train.tmp" / "part-00000.jsonl").write_text("half")
     (out / "rejects.jsonl.tmp").write_text("half")
     again = mmdata.build(str(recipe), num_proc=1, output__dir=str(out))
+    assert not again.up_to_date and tree(out) == tree(reference.output_dir)
+
+
+def test_task_markers_left_without_their_state_file_are_not_resumed(csv_src, tmp_path):
+    """A kill while a changed recipe clears the old build (rmtree may remove state.json before the task markers)
+    leaves the old recipe's markers behind; the next build must redo those tasks, not resume the old output."""
+    old = recipe_for(csv_src, "csv")
+    changed = write_recipe(csv_src / "changed.yaml", {**yaml.safe_load(old.read_text()), "prompt": "Caption it."})
+    reference = mmdata.build(str(changed), num_proc=1, output__dir=str(tmp_path / "reference"))
+    out = tmp_path / "o"
+    mmdata.build(str(old), num_proc=1, output__dir=str(out))
+    assert any((out / ".mmdata" / "done").iterdir())
+    (out / ".mmdata" / "state.json").unlink()  # what the killed clear left: the markers, without their state file
+    again = mmdata.build(str(changed), num_proc=1, output__dir=str(out))
     assert not again.up_to_date and tree(out) == tree(reference.output_dir)
 
 

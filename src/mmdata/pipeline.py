@@ -601,6 +601,10 @@ def _claim_output(layout: Layout, recipe: Recipe, fingerprint: str) -> None:
                 path.unlink()
     elif not state:
         (layout.root / MANIFEST).unlink(missing_ok=True)
+        # Task markers without a state.json are a stale build's, caught mid-deletion by a kill (rmtree removes
+        # files in directory order, state.json possibly first): resuming from them would mix two recipes' output.
+        if layout.state.exists():
+            shutil.rmtree(layout.state)
     layout.state.mkdir(parents=True, exist_ok=True)
     # Leftovers of a killed run: staged splits/manifest at the top, staged parts in the state folder. Image ``.tmp``
     # files are not searched for (that would walk millions of images): the unfinished task rewrites the same names.
