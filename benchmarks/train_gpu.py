@@ -348,22 +348,31 @@ def _mmdata_samples(root: Path, kind: str, n: int) -> list[tuple]:
     return out
 
 
+def _micro_batch(root: Path, kind: str, batch: int) -> dict:
+    """The first ``batch`` training samples of ``kind``, collated as the trainer does, on the GPU."""
+    from transformers import AutoProcessor
+
+    from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
+
+    processor = AutoProcessor.from_pretrained(root / "qwen2vl-2b-random")
+    info, names = resolve_split(root / kind, "train")
+    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
+                               cutoff_len=2048, max_samples=batch)
+    collated = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
+    return {k: v.cuda() for k, v in collated.items()}
+
+
 def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True) -> str:
     """One micro-batch's forward + backward as the trainer runs it, timed and under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoProcessor
 
     from mmdata.train.config import load_train_config
-    from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
     from mmdata.train.loss import NO_POSITIONS, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
     from mmdata.train.model import attach_lora, compile_language_layers, load_model, run_frozen_vision_without_grad
 
     model_dir = root / "qwen2vl-2b-random"
-    processor = AutoProcessor.from_pretrained(model_dir)
-    info, names = resolve_split(root / kind, "train")
-    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
-                               cutoff_len=2048, max_samples=batch)
+    batch_t = _micro_batch(root, kind, batch)
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS)
     model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config, torch.bfloat16).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -371,8 +380,6 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     run_frozen_vision_without_grad(model)
     if compile_layers:
         compile_language_layers(model)
-    batch_t = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
-    batch_t = {k: v.cuda() for k, v in batch_t.items()}
     batch_t.pop("labels")
     positions, targets = batch_t.pop("label_positions"), batch_t.pop("target_labels")
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -418,19 +425,13 @@ def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dic
     adapter gradients of one micro-batch with and without checkpointing, as a relative difference per tensor
     (bf16 kernels differ in rounding; a different mask gives differences of order 1)."""
     import torch
-    from transformers import AutoProcessor
 
     from mmdata.train.config import load_train_config
-    from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
     from mmdata.train.model import attach_lora, compile_language_layers, load_model
 
     model_dir = root / "qwen2vl-2b-random"
-    processor = AutoProcessor.from_pretrained(model_dir)
-    info, names = resolve_split(root / kind, "train")
-    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
-                               cutoff_len=2048, max_samples=batch)
-    inputs = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
-    inputs = {k: v.cuda() for k, v in inputs.items() if k not in ("labels", "label_positions", "target_labels")}
+    inputs = {k: v for k, v in _micro_batch(root, kind, batch).items()
+              if k not in ("labels", "label_positions", "target_labels")}
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS, lora_dropout=0.05)
 
     def gradients(checkpointing: bool) -> dict:
