@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .model import unwrap_peft
+
 LOSS_CHUNK = 256  # labelled positions per vocabulary projection: 256 x 151,936 fp32 logits = 156 MB
 
 # ``logits_to_keep`` that keeps no position: the model skips its own vocabulary projection
@@ -71,8 +73,7 @@ def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def final_norm(model) -> torch.nn.Module:
     """The language model's last RMSNorm: its output is what ``lm_head`` projects (``last_hidden_state``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder().norm
+    return unwrap_peft(model).get_decoder().norm
 
 
 @contextlib.contextmanager

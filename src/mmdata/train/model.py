@@ -120,6 +120,11 @@ def load_model(path: str, *, dtype: torch.dtype | str, attn: str = "sdpa", quant
         return model_class().from_pretrained(path, torch_dtype=dtype, **kwargs)
 
 
+def unwrap_peft(model):
+    """The transformers model inside a PEFT wrapper (or the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _is_vision(name: str) -> bool:
     return "visual" in name.split(".")
 
@@ -185,7 +190,7 @@ def run_frozen_vision_without_grad(model) -> bool:
     no weight in it trains), with its per-image attention calls three times over. LoRA on the vision blocks or the
     merger (``lora_vision``, ``lora_merger``) keeps the tower differentiable.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     visual = next((m for n, m in base.named_modules() if n.split(".")[-1] == "visual"), None)
     if visual is None or any(p.requires_grad for p in visual.parameters()):
         return False
@@ -235,7 +240,7 @@ def compile_language_layers(model) -> None:
     import torch._dynamo.config
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     for layer in base.get_decoder().layers:
         for child in layer.children():
             child.compile(dynamic=True)
