@@ -108,7 +108,7 @@ def generate(rows: int, rss_rows: list[int]) -> dict:
         sys.path.insert(0, str(HERE.parent / "src"))
         from mmdata.sources.synthetic_latex import render_formula
 
-        formulas_file = HERE.parent / "src" / "mmdata" / "recipes" / "data" / "latex_formulas.txt"
+        formulas_file = HERE.parent / "recipes" / "data" / "latex_formulas.txt"
         formulas = [f for f in formulas_file.read_text().splitlines() if f.strip()]
         pngs = [render_formula(f) for f in formulas]
         _write_hf_parquet(latex, {

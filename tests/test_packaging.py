@@ -67,3 +67,15 @@ def test_entry_point_source_plugin(tmp_path, monkeypatch):
                                                  "output": {"dir": str(tmp_path / "out")}})
     result = mmdata.build(str(recipe), num_proc=1)
     assert [r["messages"][1]["content"] for r in read_jsonl_dir(result.datasets["shout"])] == ["HI", "YO"]
+
+
+def test_wheel_holds_every_package_and_recipe(wheel):
+    """pyproject lists the packages by hand (the recipes folder is mapped in): a new subpackage must be listed too."""
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for init in (REPO / "src" / "mmdata").rglob("__init__.py"):
+        assert init.relative_to(REPO / "src").as_posix() in names, f"{init.parent.name} is missing from the wheel"
+    for recipe in (REPO / "recipes").glob("*.yaml"):
+        assert f"mmdata/builtin_recipes/{recipe.name}" in names
+    assert "mmdata/builtin_recipes/data/latex_formulas.txt" in names

@@ -2,8 +2,8 @@
 
 A recipe names a source (``source.type`` picks the adapter, the other keys are that adapter's parameters), how raw
 columns map onto a conversation (``fields``, ``prompt``, ``system``), what to keep (``filters``, ``max_samples``), how
-to treat images, how to split, and where to write. Built-in recipes ship in ``mmdata/recipes/`` inside the package.
-Relative input paths resolve against the recipe file's folder; ``output.dir`` against the current directory.
+to treat images, how to split, and where to write. Built-in recipes live in ``recipes/`` at the top of the repository
+and ship inside the wheel as ``mmdata.builtin_recipes``. Relative input paths resolve against the recipe file's folder; ``output.dir`` against the current directory.
 """
 
 from __future__ import annotations
@@ -179,7 +179,9 @@ class Recipe(_Strict):
 
 
 def builtin_recipe_dir() -> Path:
-    return Path(str(resources.files("mmdata") / "recipes"))
+    """The folder of built-in recipes: ``recipes/`` at the top of the checkout, shipped as ``mmdata.builtin_recipes``
+    (a data-only package mapped in pyproject.toml), so an editable install and a wheel read the same files."""
+    return Path(str(resources.files("mmdata.builtin_recipes")))
 
 
 def recipe_catalog() -> list[dict[str, Any]]:
