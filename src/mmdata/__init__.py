@@ -9,13 +9,12 @@ Public API (the CLI is a thin layer over exactly these functions)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-from .errors import BuildError, DatasetInfoError, MmdataError, RecipeError, SampleError, SourceError  # noqa: E402
-from .recipes import Recipe, list_recipes, load_recipe  # noqa: E402
-from .sources import Source, SourceParams, register_source  # noqa: E402
+from ._version import __version__
+from .errors import BuildError, DatasetInfoError, MmdataError, RecipeError, SampleError, SourceError
+from .recipes import Recipe, list_recipes, load_recipe
+from .sources import Source, SourceParams, register_source
 
 
 def build(

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import BuildError, MmdataError
 
 
@@ -68,7 +68,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .pipeline import merge_shards
+    from .finalize import merge_shards
     from .summary import format_summary
 
     print(format_summary(merge_shards(args.output_dir, args.parts, strict=args.strict)))

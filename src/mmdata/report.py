@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, lfdata
+from . import lfdata
 from . import tokens as qwen_tokens
+from ._version import __version__
 from .errors import MmdataError
 
 REPORT_DIR = "report"

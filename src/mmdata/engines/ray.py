@@ -1,8 +1,8 @@
 """Ray Data engine (``--engine ray``): the build's tasks as a Ray Data pipeline, on a local instance or a cluster.
 
 Each task becomes one item (one block) of a Ray ``Dataset``: the task id plus its pickled rows, or just a row range
-when the source has cheap random access. ``Dataset.map`` runs :func:`mmdata.pipeline.run_task` on it as a Ray task,
-at most ``num_proc`` at a time, with the :class:`~mmdata.pipeline.TaskContext` as its argument (Ray ships it through the object
+when the source has cheap random access. ``Dataset.map`` runs :func:`mmdata.task.run_task` on it as a Ray task,
+at most ``num_proc`` at a time, with the :class:`~mmdata.task.TaskContext` as its argument (Ray ships it through the object
 store); the driver streams the returned stats. Tasks write their files and completion markers exactly as with the
 local engine, so the output is byte-identical and resume, ``--shard`` and ``mmdata merge`` work the same.
 
@@ -21,7 +21,7 @@ import pickle
 from collections.abc import Iterable, Iterator
 
 from ..errors import BuildError
-from ..pipeline import RowRange, TaskContext, TaskStats, run_task
+from ..task import RowRange, TaskContext, TaskStats, run_task
 
 #: Tasks whose rows travel with them are submitted this many per worker at a time (bounded driver memory);
 #: row-range tasks are a few bytes each and go in windows of ``RANGE_WINDOW``.

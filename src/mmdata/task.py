@@ -1,0 +1,237 @@
+"""One task of a build: its rows -> samples -> images -> staged record lines, rejects and stats.
+
+Task ``k`` owns rows ``[k*size, (k+1)*size)`` and writes only its own files (``.mmdata/parts/part-0000k.jsonl``, its
+images, its rejects), then a completion marker, last. Everything it writes depends only on its rows and the recipe,
+so any engine and any number of workers give the same bytes, and a killed task is simply redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import SampleError
+from .images import convert_image, inspect_image, link_or_copy, write_new_image
+from .layout import Layout
+from .normalize import Draft, normalize_row
+from .recipes import Recipe
+from .samples import Sample
+from .sources import Source
+from .tokens import LF_CUTOFF_LEN, TokenBudget, token_counter
+from .writers.llamafactory import optional_keys, record_json, write_text_atomic
+
+
+@dataclass
+class TaskContext:
+    """What a worker needs to process any task; built once per process."""
+
+    recipe: Recipe
+    layout: Layout
+    fields: dict[str, str | None]
+    image_root: Path
+    source: Source | None = None  # read by workers when tasks are row ranges (``Source.random_access``)
+    allowed_roots: tuple[Path, ...] = ()  # where record image paths may point (default: image_root only)
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """A task's rows by position, read by the worker itself (sources with cheap random access): nothing is pickled."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def token_budget(recipe: Recipe, data: dict | None = None) -> TokenBudget:
+    """Token lengths of written records (estimated, at the image budget LLaMA-Factory will use) vs its default
+    cutoff_len: the build summary's ``tokens`` line and the manifest's ``tokens``, which ``mmdata llamafactory``
+    turns into ``cutoff_len``."""
+    counter = dataclasses.replace(token_counter(None, recipe.images.max_pixels),
+                                  label="estimated (mmdata validate --tokenizer DIR counts exactly)")
+    options = {"cutoff_len": LF_CUTOFF_LEN, "counter": counter}
+    return TokenBudget.from_json(data, **options) if data else TokenBudget(**options)
+
+
+@dataclass
+class TaskStats:
+    task: int
+    read: int = 0
+    written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    by_source: Counter = field(default_factory=Counter)
+    tokens: dict | None = None  # TokenBudget.to_json() of the written records
+    max_answer_tokens: int = 0
+    # the optional-key sets of its lines (see the writer); None for markers written before they were recorded
+    key_sets: set[frozenset[str]] | None = field(default_factory=set)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "read": self.read, "written": self.written,
+                "rejected": dict(sorted(self.rejected.items())), "by_source": dict(sorted(self.by_source.items())),
+                "tokens": self.tokens, "max_answer_tokens": self.max_answer_tokens,
+                "key_sets": None if self.key_sets is None else sorted(sorted(k) for k in self.key_sets)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskStats:
+        key_sets = None if data.get("key_sets") is None else {frozenset(k) for k in data["key_sets"]}
+        return cls(data["task"], data["read"], data["written"], Counter(data["rejected"]),
+                   Counter(data.get("by_source", {})), data.get("tokens"), data.get("max_answer_tokens", 0), key_sets)
+
+
+@dataclass
+class _PreparedImage:
+    ref_path: Path | None
+    data: bytes | None  # None: a file to link, never read whole (``images: link`` with ``verify: header``)
+    extension: str
+    width: int
+    height: int
+
+
+def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | RowRange) -> TaskStats:
+    """Process one task's rows (``(position, row)`` pairs, or a :class:`RowRange` of the source) and write its files;
+    the completion marker is written last."""
+    layout = ctx.layout
+    if isinstance(rows, RowRange):
+        rows = zip(itertools.count(rows.start), ctx.source.read_rows(rows.start, rows.stop))
+    stats = TaskStats(task)
+    budget = token_budget(ctx.recipe)
+    lines: list[str] = []
+    rejects: list[str] = []
+    for position, row in rows:
+        stats.read += 1
+        source_name = row.pop("__source__", None) if isinstance(row, dict) else None
+        try:
+            line, sample, sizes = _process_row(ctx, task, position, row)
+            lines.append(line)
+            stats.key_sets.add(optional_keys(line, ctx.recipe.output.format))
+            turns = [(m.role, m.content) for m in sample.messages]
+            budget.add(turns, sizes)
+            stats.max_answer_tokens = max([stats.max_answer_tokens, *(
+                budget.counter.text(content) for role, content in turns if role == "assistant")])
+        except SampleError as e:
+            stats.rejected[e.kind] += 1
+            rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
+            continue
+        stats.written += 1
+        if source_name:
+            stats.by_source[source_name] += 1
+    stats.tokens = budget.to_json()
+    _write_lines(layout.part(task), lines)
+    _write_lines(layout.rejects_part(task), rejects)
+    marker = layout.marker(task)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, json.dumps(stats.to_json()))
+    return stats
+
+
+def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple[str, Sample, list[tuple[int, int]]]:
+    """The line written for one row, its sample, and the sizes of its images."""
+    recipe, layout = ctx.recipe, ctx.layout
+    draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
+    prepared = [_prepare_image(ref, recipe) for ref in draft.images]
+    _apply_filters(recipe, draft, prepared)
+    image_rels = [layout.image_rel(task, position, k, img.extension) for k, img in enumerate(prepared)]
+    try:
+        sample = Sample.model_validate(
+            {"messages": draft.messages, "videos": draft.videos,
+             "images": [layout.media_prefix + rel for rel in image_rels]},
+            context={"allow_empty_answer": recipe.for_prediction},
+        )
+    except ValidationError as e:
+        raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
+    for img, path in zip(prepared, (layout.root / rel for rel in image_rels), strict=True):
+        if img.ref_path is not None and recipe.images.mode == "link":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(img.ref_path, path, img.data)
+        else:
+            write_new_image(path, img.data)
+    return record_json(sample, recipe.output.format), sample, [(img.width, img.height) for img in prepared]
+
+
+def _short(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
+    opts = recipe.images
+    try:
+        # A file that will be linked is only opened for verification (PIL reads what the check needs).
+        data = ref.path if opts.mode == "link" and ref.data is None else ref.read()
+        if isinstance(data, Path) and not data.is_file():
+            raise IsADirectoryError if data.is_dir() else FileNotFoundError
+    except FileNotFoundError:
+        raise SampleError(f"image file not found: {ref.path}", kind="image file not found") from None
+    except IsADirectoryError:
+        raise SampleError(f"image path is a folder: {ref.path}", kind="image file not found") from None
+    except OSError as e:
+        raise SampleError(f"cannot read image {ref.path}: {e.strerror}", kind="image unreadable") from None
+    try:
+        if opts.mode == "convert":
+            inspect_image(data, "header")
+            data, info = convert_image(data, opts.max_pixels, opts.format, opts.quality)
+        else:
+            info = inspect_image(data, opts.verify)
+    except SampleError as e:
+        raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
+    return _PreparedImage(ref.path, data if isinstance(data, bytes) else None, info.extension, info.width, info.height)
+
+
+def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -> None:
+    f = recipe.filters
+    answer = next((m["content"] for m in reversed(draft.messages) if m.get("role") == "assistant"), "")
+    question = next((m["content"] for m in draft.messages if m.get("role") == "user"), "")
+    checks = [
+        (f.min_answer_chars, lambda: len(answer) < f.min_answer_chars, "answer shorter than min_answer_chars"),
+        (f.max_answer_chars, lambda: len(answer) > f.max_answer_chars, "answer longer than max_answer_chars"),
+        (f.min_question_chars, lambda: len(question) < f.min_question_chars, "question shorter than min_question_chars"),
+        (f.max_question_chars, lambda: len(question) > f.max_question_chars, "question longer than max_question_chars"),
+        (f.require_images or None, lambda: not images, "no image"),
+    ]
+    for img in images:
+        checks += [
+            (f.min_image_side, lambda i=img: min(i.width, i.height) < f.min_image_side, "image smaller than min_image_side"),
+            (f.max_image_side, lambda i=img: max(i.width, i.height) > f.max_image_side, "image larger than max_image_side"),
+            (f.max_aspect_ratio, lambda i=img: max(i.width, i.height) / min(i.width, i.height) > f.max_aspect_ratio,
+             "image aspect ratio above max_aspect_ratio"),
+        ]
+    for bound, failed, reason in checks:
+        if bound is not None and isinstance(answer, str) and isinstance(question, str) and failed():
+            raise SampleError(f"filtered: {reason}", kind=f"filtered: {reason}")
+
+
+def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:
+    record_id = None
+    if isinstance(row, dict):
+        record_id = row.get(fields.get("id") or "id")
+        if not isinstance(record_id, (str, int, float)) or isinstance(record_id, bool):
+            record_id = None
+    entry = {"position": position, "id": record_id, "reason": kind, "message": message}
+    if source:
+        entry["source"] = source
+    return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not lines:
+        if path.exists():
+            path.unlink()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
