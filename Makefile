@@ -27,7 +27,7 @@ demo: install
 test: unit conformance
 
 unit: install-test
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests examples
 	$(BIN)/python -m pytest -q
 
 # What mmdata writes loads, trains, predicts and merges in the real LLaMA-Factory (its own venv in .cache/lf-venv).
@@ -35,7 +35,7 @@ conformance: install-test
 	bash conformance/run.sh $(abspath $(BIN)/python)
 
 lint: install-test
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests examples
 
 clean:
 	rm -rf $(VENV) out build dist .cache
