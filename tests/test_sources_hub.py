@@ -25,6 +25,7 @@ from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir
 import mmdata
 from mmdata.cli import main
 from mmdata.errors import SourceError
+from mmdata.sources import hf as hf_source
 from mmdata.sources.modelscope_loader import as_hf_dataset
 
 needs_modelscope = pytest.mark.skipif(importlib.util.find_spec("modelscope") is None,
@@ -35,10 +36,12 @@ MEDTRINITY_PROMPT = "<image>图片中的诊断结果是怎样?"
 
 @pytest.fixture(autouse=True)
 def hf_cache(tmp_path, monkeypatch):
-    """Keep ``datasets``' cache and the hub token out of the user's home."""
+    """Keep ``datasets``' cache and the hub token out of the user's home; the hubs' TCP check says "reachable", so
+    the failures below come from the hub clients themselves (tests that want "offline" patch the check)."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    monkeypatch.setattr(hf_source, "hub_unreachable", lambda hub: None)
 
 
 def write_hub_copy(root, configs: dict[str, dict[str, datasets.Dataset]]):
@@ -295,7 +298,7 @@ def medtrinity_full(tmp_path):
 def test_medtrinity_full_joins_tar_zst_shards_and_rejects_missing_images(medtrinity_full, tmp_path):
     hub, images = medtrinity_full
     result = mmdata.build("medtrinity_full", num_proc=1, **{
-        "source.path": str(hub), "output.dir": str(tmp_path / "o")})
+        "source.path": str(hub), "source.image_root": str(hub / "25M_accessible"), "output.dir": str(tmp_path / "o")})
     got = records(result, "medtrinity_full")
     # Shard order: part_000.tar.zst (img_3, img_0), then part_001.tar (img_1, img_4, img_5).
     assert [r["messages"][1]["content"] for r in got] == [f"caption of img_{i}.jpg" for i in (3, 0, 1, 4, 5)]
@@ -332,10 +335,12 @@ def test_slake_json_with_image_folder_keeps_english_questions(tmp_path):
     rows = [{"img_name": "xmlab1/source.jpg", "question": "Which organ is abnormal?", "answer": "Lung", "qid": 1,
              "q_lang": "en"},
             {"img_name": "xmlab1/source.jpg", "question": "哪个器官不正常?", "answer": "肺", "qid": 2, "q_lang": "zh"}]
-    for split in ("train", "validation", "test"):
-        (copy / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    for k, split in enumerate(("train", "validation", "test")):
+        (copy / f"{split}.json").write_text(json.dumps(rows * (k + 1), ensure_ascii=False), encoding="utf-8")
     result = mmdata.build("slake", num_proc=1, **{"source.path": str(copy), "output.dir": str(tmp_path / "o")})
-    got = records(result, "slake")
+    assert result.counts["by_split"] == {"train": 1, "val": 2, "test": 3}  # the hub's own splits, English only
+    assert result.counts["skipped"] == 6  # the Chinese questions, left out by `where`
+    got = records(result, "slake_train")
     assert [r["messages"] for r in got] == [[{"role": "user", "content": "<image>Which organ is abnormal?"},
                                              {"role": "assistant", "content": "Lung"}]]
     assert (result.output_dir / got[0]["images"][0]).read_bytes() == (copy / "imgs/xmlab1/source.jpg").read_bytes()
@@ -381,9 +386,11 @@ def test_chartqa_keeps_the_first_label(tmp_path):
                                      "query": ["Which year is highest?"], "label": [["2019"]]}, features=features)
     copy = tmp_path / "ChartQA"
     (copy / "data").mkdir(parents=True)
-    ds.to_parquet(str(copy / "data" / "val-00000-of-00001.parquet"))
+    for split in ("train", "val", "test"):  # the hub's split names
+        ds.to_parquet(str(copy / "data" / f"{split}-00000-of-00001.parquet"))
     result = mmdata.build("chartqa", num_proc=1, **{"source.path": str(copy), "output.dir": str(tmp_path / "o")})
-    (record,) = records(result, "chartqa")
+    assert result.counts["by_split"] == {"train": 1, "val": 1, "test": 1}
+    (record,) = records(result, "chartqa_val")
     assert record["messages"][1] == {"role": "assistant", "content": "2019"}
     assert record["messages"][0]["content"] == "<image>Which year is highest?"
 

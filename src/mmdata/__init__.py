@@ -9,10 +9,11 @@ Public API (the CLI is a thin layer over exactly these functions)::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ._version import __version__
-from .errors import BuildError, DatasetInfoError, MmdataError, RecipeError, SampleError, SourceError
+from .errors import BuildError, BuildWarning, DatasetInfoError, MmdataError, RecipeError, SampleError, SourceError
 from .recipes import Recipe, list_recipes, load_recipe
 from .sources import Source, SourceParams, register_source
 
@@ -33,15 +34,26 @@ def build(
     Keyword overrides use double underscores for nesting: ``build("latex_ocr", output__dir="out", max_samples=10)``;
     dotted keys work through ``overrides={"output.dir": ...}`` style dicts too (``**{"output.dir": "out"}``).
     ``rebuild=True`` redoes every record even when the build is up to date (images edited in place).
+
+    A build that wrote nothing (``result.problem``) or rejected many rows (``result.warnings``) says so with a
+    :class:`BuildWarning`; the CLI prints the same and exits non-zero when nothing was written.
     """
     from .pipeline import build_recipe
 
-    if not isinstance(recipe, Recipe):
+    if not isinstance(recipe, (str, Recipe)) and not hasattr(recipe, "__fspath__"):
+        # A pandas.DataFrame or datasets.Dataset (a notebook): a recipe around it, name "dataset" unless name= says.
+        # `_data` keeps the object referenced until the build is done (the source registry holds it weakly).
+        from .sources.memory import recipe_for_data
+
+        _data, recipe = recipe, recipe_for_data(recipe, {k.replace("__", "."): v for k, v in overrides.items()})
+    elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, {k.replace("__", "."): v for k, v in overrides.items()})
     elif overrides:
         raise RecipeError("overrides apply to recipe names or paths; edit the Recipe object directly instead")
     result = build_recipe(recipe, num_proc=num_proc, shard=shard, engine=engine, strict=strict, quiet=quiet,
                           rebuild=rebuild)
+    for message in ([result.problem] if result.problem else []) + result.warnings:
+        warnings.warn(message, BuildWarning, stacklevel=2)
     if recipe.report and shard == (0, 1):
         from .report import write_report
 
@@ -57,7 +69,7 @@ def validate(dataset_info: str, datasets: list[str] | None = None, **options: An
 
 
 __all__ = [
-    "BuildError", "DatasetInfoError", "MmdataError", "Recipe", "RecipeError", "SampleError", "Source",
+    "BuildError", "BuildWarning", "DatasetInfoError", "MmdataError", "Recipe", "RecipeError", "SampleError", "Source",
     "SourceError", "SourceParams", "__version__", "build", "list_recipes", "load_recipe", "register_source",
     "validate",
 ]

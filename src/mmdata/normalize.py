@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import stat
 import string
 from collections.abc import Sequence
@@ -72,7 +73,7 @@ def choose_prompt(recipe: Recipe, position: int) -> str | None:
 
 class _Row(dict):
     def __missing__(self, key: str) -> Any:
-        raise SampleError(f"prompt uses {{{key}}} but the row has no column {key!r} (columns: {', '.join(self)})")
+        raise SampleError(f"prompt uses {{{key}}} but the row has no column {key!r} (columns: {_columns(self)})")
 
 
 def render(template: str, row: dict) -> str:
@@ -84,6 +85,11 @@ def render(template: str, row: dict) -> str:
     return template.format_map(_Row({k: "" if _is_missing(v) else v for k, v in row.items()}))
 
 
+def _columns(row: dict) -> str:
+    """The row's column names for a message; internal keys (``__split__``, ``__source__``) are not columns."""
+    return ", ".join(str(k) for k in row if not str(k).startswith("__"))
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -92,7 +98,7 @@ def _text(row: dict, column: str | None, role: str) -> str:
     if column is None:
         raise SampleError(f"no column is mapped to {role}: set fields.{role} in the recipe")
     if column not in row:
-        raise SampleError(f"fields.{role} is {column!r} but the row has no such column (columns: {', '.join(row)})")
+        raise SampleError(f"fields.{role} is {column!r} but the row has no such column (columns: {_columns(row)})")
     value = row[column]
     if _is_missing(value):
         return ""
@@ -126,7 +132,7 @@ def image_refs(value: Any, image_root: Path, allowed_roots: Sequence[Path] | Non
         text = str(value)
         if "\0" in text:
             raise SampleError("image path contains a NUL byte")
-        return [ImageRef(path=contained_path(image_root / text, allowed_roots or [image_root]))]
+        return [ImageRef(path=record_path(text, image_root, allowed_roots or [image_root]))]
     if hasattr(value, "save"):  # a decoded PIL image from a source that decodes: re-encode losslessly
         import io
 
@@ -137,24 +143,56 @@ def image_refs(value: Any, image_root: Path, allowed_roots: Sequence[Path] | Non
                       kind="image value has a wrong type")
 
 
-def contained_path(path: Path, roots: Sequence[Path]) -> Path:
+WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\x, C:/x, \\server\share
+
+
+def record_path(text: str, image_root: Path, roots: Sequence[Path]) -> Path:
+    """The file a record's path names, confined to ``roots`` (:func:`contained_path`), with Windows paths handled.
+
+    CSV and JSON files made on Windows write ``imgs\\a.jpg``. On POSIX a backslash is an ordinary file-name
+    character, so such a path names one odd file that does not exist; if it does not, the same path with ``/`` is
+    used when *that* exists (still confined), and otherwise the reject says the path uses backslashes. A Windows
+    absolute path (``C:\\data\\a.jpg``) cannot be opened here at all: the reject says so and what to write instead.
+    """
+    literal = image_root / text
+    if os.sep == "/" and ("\\" in text or WINDOWS_ABSOLUTE.match(text)) and not os.path.lexists(literal):
+        if WINDOWS_ABSOLUTE.match(text):
+            raise SampleError(
+                f"image path {_shown(text)!r} is a Windows absolute path (drive letter or \\\\server share) that "
+                "this machine cannot open: write paths relative to the data file's folder (e.g. imgs/a.jpg), or copy "
+                "the images here and point source.image_root at them", kind="image file not found")
+        posix = contained_path(image_root / text.replace("\\", "/"), roots)
+        if posix.exists():
+            return posix
+        raise SampleError(f"image file not found: {_shown(str(literal))} (the path uses backslashes, the Windows "
+                          f"separator; {_shown(str(posix))} does not exist either)", kind="image file not found")
+    return contained_path(literal, roots)
+
+
+def contained_path(path: Path, roots: Sequence[Path], what: str = "image path") -> Path:
     """``path`` with ``..`` and symlinks resolved, if that lies inside one of ``roots``; otherwise a reject.
 
-    This is the whole read policy for record paths: data from the internet may name ``../../home/me/photo.jpg``, an
-    absolute path or a symlink out of the folder, and none of those is read unless the recipe lists the folder in
-    ``source.allowed_roots``. The resolved path is what gets read, so a symlink cannot be swapped in after the check.
+    This is the whole read policy for paths that come from data: records from the internet may name
+    ``../../home/me/photo.jpg``, an absolute path or a symlink out of the folder, and none of those is read unless
+    the recipe lists the folder in ``source.allowed_roots``. The resolved path is what gets read, so a symlink cannot
+    be swapped in after the check. ``what`` names the file in the message ("image path", "caption file", ...); the
+    reject kind is ``<what> outside allowed roots``.
     """
     real = os.path.realpath(path)
     for root in roots:
         top = os.path.realpath(root)
         if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
             return Path(real)
-    shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+    folder = os.path.dirname(real) or os.sep
     raise SampleError(
-        f"image path {shown!r} resolves outside the allowed folders ({', '.join(str(r) for r in roots)}); "
-        "add its folder to source.allowed_roots if reading it is intended",
-        kind="image path outside allowed roots",
+        f"{what} {_shown(str(path))!r} resolves outside the allowed folders ({', '.join(str(r) for r in roots)}); "
+        f"if reading it is intended, allow its folder in the recipe: source.allowed_roots: [{folder}]",
+        kind=f"{what} outside allowed roots",
     )
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, str | None], image_root: Path,
@@ -187,6 +225,7 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
             raise SampleError("the record has images but no user turn to put their <image> placeholders in",
                               kind="invalid sample")
         first_user["content"] = IMAGE_PLACEHOLDER * len(images) + first_user["content"]
+    _check_image_mapping(row, fields, messages, len(images))
     system = recipe.system
     if fields.get("system") and not _is_missing(row.get(fields["system"])) and row.get(fields["system"]):
         system = str(row[fields["system"]])
@@ -196,6 +235,57 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
     videos = [str(v) for v in (videos if isinstance(videos, list) else [videos] if videos else [])]
     return Draft(messages=messages, images=images, videos=videos,
                  id=None if _is_missing(record_id) else str(record_id))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _check_image_mapping(row: dict, fields: dict, messages: list[dict], n_images: int) -> None:
+    """Placeholders that do not match the images, with an unmapped key that holds an image: say which key to map.
+
+    Without this the reject reads "1 <image> placeholder(s) but 0 image(s)", true and useless; the usual cause is
+    a dataset that calls its image column ``img``, ``image_path`` or ``file_name``. Other mismatches are left to
+    the sample check, which explains them.
+    """
+    text = "".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+    n_tags = text.count(IMAGE_PLACEHOLDER)
+    if n_tags == n_images:
+        return
+    mapped = {c for c in fields.values() if c} | {"messages", "images", "videos"}
+    for key, value in row.items():
+        if key in mapped or str(key).startswith("__"):
+            continue
+        looks = _looks_like_image(value)
+        if looks:
+            role = "images" if looks == "list" else "image"
+            raise SampleError(
+                f"{n_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): key {key!r} looks like the "
+                f"image ({_preview(value)}) but no field maps it; map it in the recipe with fields.{role}: {key}",
+                kind="image key not mapped")
+
+
+def _looks_like_image(value: Any) -> str | None:
+    """"one" or "list" if ``value`` is an image path (by suffix), image bytes, an HF image dict, or a list of them."""
+    if isinstance(value, (list, tuple)):
+        return "list" if value and all(_looks_like_image(v) == "one" for v in value) else None
+    if isinstance(value, str):
+        stripped = value.strip()
+        ok = 0 < len(stripped) < 4096 and "\n" not in stripped and stripped.lower().endswith(IMAGE_SUFFIXES)
+        return "one" if ok else None
+    if isinstance(value, (bytes, bytearray)):
+        return "one" if bytes(value[:12]).startswith(_IMAGE_MAGIC) or value[8:12] == b"WEBP" else None
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"} and (value.get("bytes") or value.get("path")):
+        return "one"
+    return None
+
+
+def _preview(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}, first {_preview(value[0])}"
+    if isinstance(value, str):
+        return repr(_shown(value, 80))
+    return f"a {type(value).__name__}"
 
 
 def _insert_prompt(messages: list[dict], prompt: str) -> None:

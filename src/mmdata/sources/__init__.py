@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RecipeError
+from ..errors import RecipeError, SampleError, SourceError
 
 _REGISTRY: dict[str, type[Source]] = {}
-_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex", "image_join", "mixture")
+_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex", "image_join", "mixture", "memory")
 
 
 class SourceParams(BaseModel):
@@ -74,10 +74,37 @@ class Source:
         """Changes whenever the input changes; used to decide whether a rebuild is needed."""
         return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()
 
+    def skipped(self, rows_yielded: int | None = None) -> dict[str, int]:
+        """Source rows dropped on purpose before a row was yielded, by reason (``{"where": 3}``).
+
+        The build adds these to its accounting (``read == written + rejected + skipped``): a row a source filters
+        out (``where:``) is neither written nor rejected, yet it was read. ``rows_yielded`` is how many rows the
+        build took from :meth:`rows` (``max_samples``); ``None`` means all of them. Most sources drop nothing.
+        """
+        return {}
+
+    def refresh(self) -> None:
+        """Forget any cached copy of the input, so the next read sees the files as they are now (``rebuild``)."""
+
     def resolve(self, path: str | os.PathLike) -> Path:
         """A parameter path made absolute against the recipe's folder."""
         p = Path(os.path.expanduser(str(path)))
         return p if p.is_absolute() else (self.base_dir / p)
+
+    def discovered(self, path: Path, folder: Path, what: str) -> Path:
+        """A file the source *found* (not one the recipe named) made real, if it lies in ``folder`` or
+        ``source.allowed_roots``; otherwise a :class:`SourceError` naming it and the way to allow it.
+
+        The recipe's own ``path`` is trusted; what is discovered inside it (metadata, a folder's JSON files, image
+        shards) is data, and a symlink in data must not make the build read ``/home/me/.ssh`` into a dataset.
+        """
+        from ..normalize import contained_path
+
+        roots = [folder, *(self.resolve(r) for r in getattr(self.params, "allowed_roots", None) or [])]
+        try:
+            return contained_path(path, roots, what=what)
+        except SampleError as e:
+            raise SourceError(str(e)) from None
 
 
 def files_fingerprint(paths: list[Path]) -> str:

@@ -1,12 +1,21 @@
 """CSV source: any column names (the tutorial's ``image_path,text`` included), read in chunks with pandas.
 
-Encodings: ``auto`` tries UTF-8 (with or without BOM) and falls back to GB18030, the usual encoding of Chinese CSVs
-saved by Excel. Relative image paths resolve against the CSV's folder unless ``image_root`` says otherwise.
+Encodings: ``auto`` reads a UTF-16 file by its BOM, else tries UTF-8 (with or without BOM), else GB18030 (the usual
+encoding of Chinese CSVs saved by Excel) when the bytes look Chinese; a Western file (cp1252) is refused with the fix
+rather than misread (see :func:`_detect_encoding`); ``encoding: cp1252`` reads it. CRLF line ends are fine. Relative image paths resolve against
+the CSV's folder unless ``image_root`` says otherwise; ``imgs\\a.jpg`` written on Windows works (see
+:func:`mmdata.normalize.record_path`).
+
+A file with no data rows, or a header that repeats a column name, is refused with the file named: pandas would
+otherwise build nothing and exit 0, or rename the second ``text`` to ``text.1`` and build from the wrong column.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +41,7 @@ class CsvParams(SourceParams):
             try:
                 codecs.lookup(value)
             except LookupError:
-                raise ValueError(f"unknown encoding {value!r}: use auto, utf-8, gb18030, latin-1 ...") from None
+                raise ValueError(f"unknown encoding {value!r}: use auto, utf-8, gb18030, cp1252, latin-1 ...") from None
         return value
 
 
@@ -47,6 +56,7 @@ class CsvSource(Source):
             raise SourceError(f"{self.path}: CSV file not found (source.path is relative to the recipe's folder)")
         self._encoding: str | None = None
         self._num_rows: int | None = None
+        self._header_checked = False
 
     @property
     def encoding(self) -> str:
@@ -58,19 +68,46 @@ class CsvSource(Source):
     def image_root(self) -> Path:
         return self.resolve(self.params.image_root) if self.params.image_root else self.path.parent
 
-    def _chunks(self) -> Iterator[pd.DataFrame]:
+    def _check_header(self) -> None:
+        """Refuse an empty file and a header with repeated names, before pandas hides either."""
+        if self._header_checked or len(self.params.delimiter) != 1:  # a regex delimiter: pandas' own parsing only
+            return
         try:
-            yield from pd.read_csv(
+            with open(self.path, encoding=self.encoding, newline="") as f:
+                header = next(csv.reader(f, delimiter=self.params.delimiter), [])
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SourceError(f"{self.path}: cannot read the header with encoding {self.encoding!r}: {e}. "
+                              "Set source.encoding / source.delimiter") from None
+        header = [h.lstrip("\ufeff") for h in header]
+        if not any(h.strip() for h in header):
+            raise SourceError(f"{self.path}: the file is empty (no header, no data rows): nothing to build")
+        repeated = [name for name, n in Counter(header).items() if n > 1]
+        if repeated:
+            raise SourceError(
+                f"{self.path}: the header repeats column name(s) {', '.join(map(repr, repeated))} "
+                f"(columns: {', '.join(header)}); rename them so every column has its own name (pandas would "
+                "silently rename the second one)")
+        self._header_checked = True
+
+    def _chunks(self) -> Iterator[pd.DataFrame]:
+        self._check_header()
+        rows = 0
+        try:
+            for chunk in pd.read_csv(
                 self.path, encoding=self.encoding, sep=self.params.delimiter, dtype=str,
                 keep_default_na=False, chunksize=CHUNK_ROWS,
-            )
+            ):
+                rows += len(chunk)
+                yield chunk
         except pd.errors.EmptyDataError:
-            return
+            pass
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise SourceError(
                 f"{self.path}: cannot parse as CSV with encoding {self.encoding!r}: {e}. "
                 "Fix the row it names, or set source.encoding / source.delimiter"
             ) from None
+        if rows == 0:
+            raise SourceError(f"{self.path}: no data rows (only the header line): nothing to build")
 
     def rows(self) -> Iterator[dict]:
         for chunk in self._chunks():
@@ -93,13 +130,38 @@ class CsvSource(Source):
 
 
 def _detect_encoding(path: Path) -> str:
-    """utf-8-sig if the whole file decodes as UTF-8 (BOM optional), else gb18030 if that decodes, else an error."""
-    for encoding in ("utf-8-sig", "gb18030"):
-        try:
-            with open(path, encoding=encoding) as f:
-                while f.read(1 << 20):
-                    pass
-            return encoding
-        except UnicodeDecodeError:
-            continue
-    raise SourceError(f"{path}: neither UTF-8 nor GB18030; set source.encoding to the file's encoding")
+    """UTF-16 by BOM; utf-8-sig if the whole file decodes as UTF-8 (BOM optional); else GB18030 if it looks Chinese.
+
+    GB18030 decodes most byte strings, so decoding alone would take a Western file for Chinese and write mojibake
+    ("résumé" decodes). The texts differ in shape: Chinese is runs of two (or four) non-ASCII bytes, a single-byte
+    code page has lone accented letters between ASCII ones (``caf\xe9,``). A file whose lone non-ASCII bytes
+    outnumber the longer runs is refused with the fix (``source.encoding: cp1252``, Western Excel's code page), not
+    guessed: cp1252, cp1250 and latin-1 decode the same bytes to different letters.
+    """
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    if _decodes(path, "utf-8-sig"):
+        return "utf-8-sig"
+    lone = runs = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            for run in re.findall(rb"[\x80-\xff]+", block):
+                lone, runs = (lone + 1, runs) if len(run) == 1 else (lone, runs + 1)
+    if lone <= runs and _decodes(path, "gb18030"):
+        return "gb18030"
+    single = (" (its non-ASCII bytes stand alone, as in a single-byte code page: Western Excel saves cp1252, so "
+              "probably source.encoding: cp1252)" if lone > runs else "")
+    raise SourceError(f"{path}: neither UTF-8 nor GB18030; set source.encoding to the file's encoding{single}, or "
+                      "re-save the file as UTF-8")
+
+
+def _decodes(path: Path, encoding: str) -> bool:
+    try:
+        with open(path, encoding=encoding) as f:
+            while f.read(1 << 20):
+                pass
+        return True
+    except UnicodeDecodeError:
+        return False

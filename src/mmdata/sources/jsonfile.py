@@ -4,6 +4,10 @@ Recognised per record (``shape: auto``): LLaMA-Factory sharegpt ``messages`` (ro
 (from/value with human/gpt, or role/value), the tutorial layout whose user turn *is* an image path, and alpaca
 ``instruction/input/output`` (+ ``system``, ``history``, ``images``). Each record becomes a row with canonical
 ``messages`` ([{role, content}]), ``images``, ``videos`` and ``id``, plus its other top-level keys untouched.
+
+Images come from ``images`` or, when that is absent or empty, from a singular ``image`` (a path, a list of paths,
+bytes or an HF ``{bytes, path}`` dict): LLaVA, ShareGPT4V and LLaVA-Med files say ``"image": "coco/x.jpg"``, and
+they build with no ``fields:`` at all. The ``<image>`` placeholders stay where the record wrote them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ class JsonSource(Source):
         self.path = self.resolve(params.path)
         if not self.path.exists():
             raise SourceError(f"{self.path}: JSON file not found (source.path is relative to the recipe's folder)")
-        self.files = sorted(self.path.glob("*.json*")) if self.path.is_dir() else [self.path]
+        if self.path.is_dir():
+            # Files found in the folder are data, not recipe: a symlink among them must not pull in a file elsewhere.
+            self.files = [self.discovered(f, self.path, "JSON file") for f in sorted(self.path.glob("*.json*"))]
+        else:
+            self.files = [self.path]
 
     @property
     def image_root(self) -> Path:
@@ -122,7 +130,7 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
         key = "messages" if "messages" in record else "conversations"
         messages, images_from_turns = _turns(record[key], key)
         row["messages"] = messages
-        row["images"] = _as_list(record.get("images")) + images_from_turns
+        row["images"] = _record_images(record, row) + images_from_turns
     elif shape in ("auto", "alpaca") and "instruction" in record:
         messages = []
         if record.get("system"):
@@ -138,7 +146,7 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
         user = "\n".join(str(p) for p in (instruction, query) if p not in (None, ""))
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
         row["messages"] = messages
-        row["images"] = _as_list(record.get("images"))
+        row["images"] = _record_images(record, row)
     else:
         raise ShapeError(
             f"unrecognised record shape (keys: {', '.join(sorted(record)[:8])}); expected messages, conversations "
@@ -173,6 +181,25 @@ def _is_image_path(text: str) -> bool:
     """The tutorial layout puts a bare image path in the user turn: one token ending in an image suffix."""
     stripped = text.strip()
     return bool(stripped) and "\n" not in stripped and " " not in stripped and stripped.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _record_images(record: dict, row: dict) -> list:
+    """``images``, else the singular ``image`` (moved out of ``row`` so an explicit ``fields.image: image`` cannot
+    count it twice). An ``image`` that is not an image reference (an integer id, say) stays an ordinary key."""
+    images = _as_list(record.get("images"))
+    single = record.get("image")
+    if not images and _is_image_ref(single):
+        row.pop("image", None)
+        return _as_list(single)
+    return images
+
+
+def _is_image_ref(value) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_is_image_ref(v) for v in value)
+    if isinstance(value, dict):
+        return "bytes" in value or "path" in value
+    return isinstance(value, (str, bytes)) and value != ""
 
 
 def _as_list(value) -> list:

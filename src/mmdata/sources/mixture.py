@@ -141,6 +141,7 @@ class MixtureSource(Source):
     def rows(self) -> Iterator[dict]:
         streams = [_canonical_rows(name, recipe, source, count) for name, recipe, source, count in self.parts]
         owed = [count for *_, count in self.parts]
+        self._taken = [0] * len(owed)
         rng = random.Random(self.params.seed)
         while any(owed):
             k = rng.choices(range(len(owed)), weights=owed)[0]
@@ -149,7 +150,23 @@ class MixtureSource(Source):
                 raise SourceError(f"mixture component {self.parts[k][0]!r} ran out of rows with {owed[k]} still "
                                   "owed: lower its count")
             owed[k] -= 1
+            self._taken[k] += 1
             yield row
+
+    def skipped(self, rows_yielded: int | None = None) -> dict[str, int]:
+        """The components' own drops (a component's ``where:``), each up to the rows the mixture took from it."""
+        taken = getattr(self, "_taken", None)
+        if rows_yielded is None or taken is None or rows_yielded >= self.num_rows():
+            taken = [count for *_, count in self.parts]
+        total: dict[str, int] = {}
+        for (_, _, source, _), n in zip(self.parts, taken, strict=True):
+            for reason, dropped in source.skipped(n).items():
+                total[reason] = total.get(reason, 0) + dropped
+        return total
+
+    def refresh(self) -> None:
+        for _, _, source, _ in self.parts:
+            source.refresh()
 
     def fingerprint(self) -> str:
         parts = [{"name": name, "recipe": recipe.model_dump(mode="json", exclude={"output", "description", "info"}),

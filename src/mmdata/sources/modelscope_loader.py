@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 
-def load_from_modelscope(params: Any, dataset_id: str):
-    """``MsDataset.load(dataset_id, subset_name, split, ...)`` with the ``hf`` source's parameters."""
+def load_from_modelscope(params: Any, dataset_id: str, split: str):
+    """``MsDataset.load(dataset_id, subset_name, split, ...)`` with the ``hf`` source's parameters, one split."""
     try:
         from modelscope.msdatasets import MsDataset
     except ImportError as e:
@@ -20,7 +20,7 @@ def load_from_modelscope(params: Any, dataset_id: str):
             f"ModelScope needs the modelscope package ({e}): pip install 'mmdata[modelscope]'"
         ) from None
     kwargs = dict(
-        subset_name=params.subset, split=params.split, version=params.revision, data_dir=params.data_dir,
+        subset_name=params.subset, split=split, version=params.revision, data_dir=params.data_dir,
         data_files=params.data_files, token=params.token or os.environ.get("MODELSCOPE_API_TOKEN"),
     )
     if params.streaming:
