@@ -193,7 +193,9 @@ def test_concurrent_builds_into_one_dataset_info_lose_no_entry(tmp_path):
     for i in range(6):
         spec = {"name": f"b{i}", "source": {"type": "jsonl", "path": "data.jsonl"},
                 # build 0 writes into the dataset_info folder itself: its start-up cleanup must spare the others' files
-                "output": {"dir": str(lf if i == 0 else lf / f"b{i}"), "dataset_info": str(info), "shard_size": 3}}
+                # (a folder holding other files: it says so with allow_existing)
+                "output": {"dir": str(lf if i == 0 else lf / f"b{i}"), "dataset_info": str(info), "shard_size": 3,
+                           "allow_existing": i == 0}}
         recipes.append(write_recipe(tmp_path / f"b{i}.yaml", spec))
     procs = [subprocess.Popen(cli(r, num_proc=1), stderr=subprocess.PIPE) for r in recipes]
     for proc in procs:

@@ -6,6 +6,7 @@ Each test here backs one row of the table in docs/reliability.md. Every build al
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tests.conftest import jpeg_bytes, png_bytes, write_recipe
+from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir, write_recipe
 
 import mmdata
 from mmdata.cli import main
@@ -132,7 +133,7 @@ def test_copy_mode_keeps_the_original_bytes_of_unusual_modes(tmp_path):
     names = ["cmyk.jpg", "palette.png", "la.png", "gray16.png", "exif.jpg"]
     result, _ = build(tmp_path, [turn(n) for n in names])
     assert result.written == len(names)
-    written = sorted((result.output_dir / "images").rglob("*.*"))
+    written = [result.output_dir / r["images"][0] for r in read_jsonl_dir(result.datasets["t"])]
     assert [p.read_bytes() for p in written] == [IMAGES[n] for n in names]
 
 
@@ -140,8 +141,8 @@ def test_convert_mode_normalises_modes_orientation_and_16_bit_range(tmp_path):
     names = ["cmyk.jpg", "palette.png", "la.png", "gray16.png", "exif.jpg", "ok.jpg"]
     result, _ = build(tmp_path, [turn(n) for n in names], images={"mode": "convert"})
     assert result.written == len(names)
-    out = {p.stem.split("_")[0]: p for p in (result.output_dir / "images").rglob("*.*")}
-    opened = {names[int(k)]: Image.open(p) for k, p in out.items()}
+    records = read_jsonl_dir(result.datasets["t"])
+    opened = {name: Image.open(result.output_dir / r["images"][0]) for name, r in zip(names, records, strict=True)}
     assert opened["cmyk.jpg"].mode == "RGB"
     assert opened["palette.png"].mode in ("RGB", "RGBA")
     gray = opened["gray16.png"]
@@ -171,8 +172,10 @@ HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "nul\x00byte", "x" * 5000, "a/b"
 def test_hostile_ids_are_kept_as_data_and_never_name_files(tmp_path):
     result, rejects = build(tmp_path, [turn(id=i) for i in HOSTILE_IDS])
     assert result.written == len(HOSTILE_IDS) and not rejects  # duplicates and collisions are all written
-    images = sorted(p.relative_to(result.output_dir).as_posix() for p in (result.output_dir / "images").rglob("*"))
-    assert [p for p in images if p.endswith(".jpg")] == [f"images/00000/{i:09d}_0.jpg" for i in range(len(HOSTILE_IDS))]
+    images = sorted(p.relative_to(result.output_dir).as_posix() for p in (result.output_dir / "images").rglob("*.*"))
+    digest = hashlib.sha256(IMAGES["ok.jpg"]).hexdigest()[:32]
+    assert images == [f"images/{digest[:2]}/{digest}.jpg"]  # one image under every record, named by its bytes
+    assert {r["images"][0] for r in read_jsonl_dir(result.datasets["t"])} == set(images)
     assert {p.name for p in tmp_path.iterdir()} <= {*IMAGES, "data.jsonl", "r.yaml", "out"}
 
 

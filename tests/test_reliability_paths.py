@@ -114,13 +114,13 @@ def _snapshot(folder: Path, skip: Path) -> dict[str, str]:
 IDS = st.one_of(st.text(max_size=40), st.sampled_from(["../../x", "/etc/passwd", "a\x00b", "x" * 300, "..", "~root",
                                                          "C:\\win", "a/b", "a_b", "dup"]), st.integers())
 INFO_FILES = {"dataset_info.json", "dataset_info.json.lock", ".dataset_info.json.lock"}  # the file and its lock
-NAME = re.compile(r"^images/\d{5}/(\d{9})_(\d+)\.(jpg|png)$")
+NAME = re.compile(r"^images/([0-9a-f]{2})/(\1[0-9a-f]{30})\.(jpg|png)$")
 
 
 @BUILDS
 @given(records=st.lists(st.tuples(IDS, PATHS | st.sampled_from(["a.jpg", "sub/b.jpg", "ünï.jpg", "link_in.jpg"])),
                         min_size=1, max_size=12))
-def test_a_build_writes_only_position_named_files_inside_its_output(tree, records):
+def test_a_build_writes_only_content_named_files_inside_its_output(tree, records):
     work = Path(tempfile.mkdtemp(dir=tree))
     try:
         lines = [json.dumps({"id": rid, "images": [path], "messages": [
@@ -136,18 +136,22 @@ def test_a_build_writes_only_position_named_files_inside_its_output(tree, record
         assert result.read == len(records) == result.written + result.rejected
         allowed_top = {"images", "t", "rejects.jsonl", "mmdata_build.json", ".mmdata", *INFO_FILES}
         assert {p.name for p in out.iterdir()} <= allowed_top
-        positions = set()
+        stored = set()
         for image in (out / "images").rglob("*.*") if (out / "images").exists() else []:
             match = NAME.match(image.relative_to(out).as_posix())
-            assert match, image  # named by position only, never by id or source name
-            positions.add(int(match.group(1)))
+            assert match, image  # named by its content only, never by id or source name
+            assert match.group(2) == hashlib.sha256(image.read_bytes()).hexdigest()[:32]
+            stored.add(image.relative_to(out).as_posix())
             assert image.read_bytes() == jpeg_bytes()  # only in-root images were read (the secret differs)
         for part in (out / "t").glob("*") if (out / "t").exists() else []:
             assert re.fullmatch(r"part-\d{5}\.jsonl", part.name)
         # split on "\n" only: ids may hold U+0085 / U+2028, which str.splitlines() would also split on
         rejected = {json.loads(x)["position"] for x in (out / "rejects.jsonl").read_text().split("\n") if x} \
             if (out / "rejects.jsonl").exists() else set()
-        assert positions == set(range(len(records))) - rejected
+        written = [json.loads(x) for part in sorted((out / "t").glob("*")) for x in part.read_text().split("\n") if x] \
+            if (out / "t").exists() else []
+        assert len(written) == len(records) - len(rejected)
+        assert {path for record in written for path in record["images"]} == stored  # every stored image is used
     finally:
         shutil.rmtree(work)
 
@@ -164,7 +168,7 @@ def test_every_accepted_dataset_name_keeps_output_paths_inside_the_output_folder
     for fmt in ("jsonl", "json"):
         for split_enabled in (False, True):
             layout = Layout(root, recipe.dataset_name, fmt, split_enabled, root / "dataset_info.json")
-            paths = [*layout.owned_paths(), *(layout.data_path(s) for s in SPLITS), layout.image(3, 42, 0, "jpg"),
+            paths = [*layout.owned_paths(), *(layout.data_path(s) for s in SPLITS), layout.image("0" * 32, "jpg"),
                      layout.rejects_part(7), layout.marker(7)]
             for path in paths:
                 assert os.path.normpath(path).startswith(str(root) + os.sep), (name, path)

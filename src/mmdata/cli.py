@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from ._version import __version__
-from .errors import BuildError, MmdataError
+from .errors import BuildError, BuildWarning, MmdataError
 
 
 def _parse_set(values: list[str]) -> dict[str, str]:
@@ -19,6 +20,16 @@ def _parse_set(values: list[str]) -> dict[str, str]:
             raise MmdataError(f"--set {item!r}: expected KEY=VALUE, e.g. --set output.dir=out/x")
         overrides[key.strip()] = value
     return overrides
+
+
+def _count_or_share(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--max-rejected {text!r}: a count (10) or a share (0.05)") from None
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -55,14 +66,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     if args.overwrite:
         overrides["output.overwrite"] = "true"
-    result = build(args.recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
-                   quiet=args.quiet, rebuild=args.rebuild, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    if args.allow_existing:
+        overrides["output.allow_existing"] = "true"
+    if args.max_rejected is not None:
+        overrides["max_rejected"] = args.max_rejected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BuildWarning)  # printed below, once, in the summary's words
+        result = build(args.recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
+                       quiet=args.quiet, rebuild=args.rebuild, **{k.replace(".", "__"): v for k, v in overrides.items()})
     print(format_summary(result))
-    if result.read and not result.written:
-        reasons = ", ".join(f"{k}: {v}" for k, v in result.counts["rejected_by_reason"].items())
-        print(f"mmdata: error: no record was written: all {result.read} were rejected ({reasons}). That usually "
-              "means the recipe, not the data, is wrong (a field name, a {placeholder} in the prompt); see "
-              f"{result.output_dir / 'rejects.jsonl'}", file=sys.stderr)
+    for message in result.warnings:
+        print(f"mmdata: warning: {message}", file=sys.stderr)
+    if result.problem:
+        print(f"mmdata: error: {result.problem}", file=sys.stderr)
         return BuildError.exit_code
     return 0
 
@@ -104,6 +120,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--strict", action="store_true", help="fail the build if any record is rejected")
     p.add_argument("--overwrite", action="store_true", help="replace existing dataset_info entries / output")
+    p.add_argument("--allow-existing", action="store_true", help="write into a folder that holds other files (never "
+                   "deleting or replacing them); same as output.allow_existing: true")
+    p.add_argument("--max-rejected", type=_count_or_share, default=None, metavar="N|SHARE",
+                   help="fail (register nothing) when more rows are rejected: a count (10) or a share (0.05)")
     p.add_argument("--rebuild", action="store_true", help="redo every record even if up to date (e.g. after editing "
                    "image files in place: the fingerprint covers the recipe and data files, not every image)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

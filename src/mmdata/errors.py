@@ -42,3 +42,7 @@ class DatasetInfoError(MmdataError):
     """``dataset_info.json`` cannot be read, or an entry would be replaced without ``--overwrite``."""
 
     exit_code = 5
+
+
+class BuildWarning(UserWarning):
+    """A build finished but deserves a look: nothing written, or a large share of its rows rejected."""

@@ -8,20 +8,21 @@ rejected. Each split becomes a folder of fixed-size JSONL shards (or one JSON ar
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import BuildError
-from .layout import MANIFEST, SPLITS, Layout, read_json
+from .errors import BuildError, DatasetInfoError
+from .layout import MANIFEST, SPLITS, Layout, OutputLock, claim_output, read_json
 from .recipes import Recipe, Split
 from .task import TaskStats, token_budget
 from .writers.llamafactory import (
@@ -52,12 +53,45 @@ class BuildResult:
         return self.counts["read"]
 
     @property
+    def skipped(self) -> int:
+        """Rows the recipe's ``where:`` left out on purpose (``read == written + rejected + skipped``)."""
+        return self.counts.get("skipped", 0)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this build is of no use as it stands (nothing read, or every row rejected), else None. ``mmdata build``
+        prints it and exits non-zero; ``mmdata.build()`` also issues it as a warning."""
+        c = self.counts
+        if self.shard != (0, 1) or c["written"]:
+            return None
+        if not c["read"] - c.get("skipped", 0):
+            return ("the source yielded no rows" + (f" (its where: filter left out all {c['skipped']})"
+                                                   if c.get("skipped") else "") + ": nothing was written")
+        return (f"no record was written: all {c['rejected']} were rejected ({_reasons(c)}). That usually means the "
+                "recipe, not the data, is wrong (a field name, a {placeholder} in the prompt); see "
+                f"{self.output_dir / 'rejects.jsonl'}")
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things worth a look in a build that did write records: a large share of rejected rows."""
+        c = self.counts
+        considered = c["read"] - c.get("skipped", 0)
+        if c["written"] and considered and c["rejected"] / considered > REJECT_WARNING:
+            return [f"{100 * c['rejected'] / considered:.1f}% of the rows were rejected ({_reasons(c)}); see "
+                    f"{self.output_dir / 'rejects.jsonl'}, or set max_rejected to fail such builds"]
+        return []
+
+    @property
     def written(self) -> int:
         return self.counts["written"]
 
     @property
     def rejected(self) -> int:
         return self.counts["rejected"]
+
+
+#: A build that rejects more than this share of its rows says so (``BuildResult.warnings``).
+REJECT_WARNING = 0.1
 
 
 class Splitter:
@@ -105,8 +139,15 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         raise BuildError(f"{layout.root}: tasks {missing[:10]} are not finished; build the missing shards first")
     stats = _collect_stats(layout, range(num_tasks))
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
-    splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
-    written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], splitter,
+    if recipe.split.from_source:
+        def labels() -> Iterator[str]:  # the source's own split of each staged record, in the same order
+            return (line.rstrip("\n") for line in _staged_lines([layout.split_labels(t) for t in range(num_tasks)]))
+        splits = list(SPLITS)
+    else:
+        splitter = Splitter(recipe.split, sum(s.written for s in stats), recipe.split_seed)
+        labels = lambda: map(splitter, itertools.count())  # noqa: E731
+        splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
+    written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], labels, splits,
                                    recipe.output.shard_size, recipe.output.format, _uniform_keys(stats))
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
@@ -121,6 +162,7 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
     counts = manifest["counts"]
     if strict:
         check_strict(layout, counts, f"nothing was registered in {layout.dataset_info}")
+    check_reject_limit(layout, counts, recipe.max_rejected)
     if entries:
         merge_dataset_info(layout.dataset_info, entries, overwrite=recipe.output.overwrite)
     write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
@@ -146,6 +188,44 @@ def check_strict(layout: Layout, counts: dict, what: str) -> None:
                          f"{layout.root / 'rejects.jsonl'}")
 
 
+def check_reject_limit(layout: Layout, counts: dict, limit: int | float | None) -> None:
+    """``max_rejected``: a count (int) or a share of the rows considered (float < 1); above it nothing is registered."""
+    considered = counts["read"] - counts.get("skipped", 0)
+    if limit is None or not counts["rejected"]:
+        return
+    over = counts["rejected"] > limit if isinstance(limit, int) else counts["rejected"] > limit * considered
+    if over:
+        shown = f"{limit}" if isinstance(limit, int) else f"{100 * limit:g}% of {considered}"
+        raise BuildError(f"max_rejected: {counts['rejected']} of {considered} rows were rejected, more than {shown} "
+                         f"({_reasons(counts)}); nothing was registered in {layout.dataset_info}. See "
+                         f"{layout.root / 'rejects.jsonl'}")
+
+
+def check_names_free(layout: Layout, recipe: Recipe) -> None:
+    """Refuse, before any data is written, a build whose dataset names ``dataset_info.json`` already gives to other
+    files (a refused build must not leave its data behind for the next try to trip over)."""
+    info = read_json(layout.dataset_info)
+    if not isinstance(info, dict) or recipe.output.overwrite:
+        return
+    splits = SPLITS if layout.split_enabled else SPLITS[:1]
+    clashes = []
+    for split in splits:
+        name = layout.dataset_name(split)
+        ours = os.path.relpath(layout.data_path(split), layout.dataset_info.parent).replace(os.sep, "/")
+        entry = info.get(name)
+        if entry is not None and not (isinstance(entry, dict) and entry.get("file_name") == ours):
+            clashes.append(name)
+    if clashes:
+        raise DatasetInfoError(
+            f"{layout.dataset_info}: entries {', '.join(clashes)} already exist for other data; pass --overwrite "
+            "(or output.overwrite: true) to replace them, or choose another output.name. Nothing was written")
+
+
+def write_skipped(layout: Layout, skipped: dict[str, int]) -> None:
+    """The rows the source left out on purpose (``where:``), by reason, for the manifest."""
+    write_text_atomic(layout.state / "skipped.json", json.dumps(dict(sorted(skipped.items()))))
+
+
 def _collect_stats(layout: Layout, tasks: Iterable[int]) -> list[TaskStats]:
     return [TaskStats.from_json(json.loads(layout.marker(t).read_text())) for t in tasks if layout.marker(t).exists()]
 
@@ -156,14 +236,18 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     for s in stats:
         rejected.update(s.rejected)
         by_source.update(s.by_source)
+    skipped = read_json(layout.state / "skipped.json") or {}
     counts = {
-        "read": sum(s.read for s in stats), "written": sum(s.written for s in stats),
+        "read": sum(s.read for s in stats) + sum(skipped.values()), "written": sum(s.written for s in stats),
         "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
         "by_split": {d["split"]: d["count"] for d in datasets.values()},
     }
+    if skipped:
+        counts["skipped"] = sum(skipped.values())
+        counts["skipped_by_reason"] = skipped
     if by_source:
         counts["by_source"] = dict(sorted(by_source.items()))
-    assert counts["read"] == counts["written"] + counts["rejected"], counts
+    assert counts["read"] == counts["written"] + counts["rejected"] + counts.get("skipped", 0), counts
     budget = token_budget(recipe)
     for s in stats:
         if s.tokens:
@@ -285,24 +369,24 @@ def _staged_lines(parts: list[Path]) -> Iterator[str]:
                 yield from f
 
 
-def _route_records(layout: Layout, parts: list[Path], splitter: Splitter, shard_size: int, record_format: str,
-                   uniform: frozenset[str] | None = None):
+def _route_records(layout: Layout, parts: list[Path], labels: Callable[[], Iterator[str]], splits: list[str],
+                   shard_size: int, record_format: str, uniform: frozenset[str] | None = None):
     """Stream staged records in input order into their splits; returns per-split counts and optional keys.
 
-    ``uniform``: the optional keys of every record, when the tasks found them all alike (the common case); otherwise
-    a first pass finds the keys each split has (see :class:`_SplitWriter`). The last pass writes."""
-    splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
+    ``labels()`` gives the split of each staged record, in order (a fresh iterator per pass). ``uniform``: the
+    optional keys of every record, when the tasks found them all alike (the common case); otherwise a first pass
+    finds the keys each split has (see :class:`_SplitWriter`). The last pass writes."""
     if uniform is not None:
         keys = dict.fromkeys(splits, uniform)
     else:
         seen: dict[str, set[frozenset[str]]] = {split: set() for split in splits}
-        for index, line in enumerate(_staged_lines(parts)):
-            seen[splitter(index)].add(optional_keys(line, record_format))
+        for line, split in zip(_staged_lines(parts), labels(), strict=False):  # the Splitter's labels never end
+            seen[split].add(optional_keys(line, record_format))
         keys = {split: frozenset().union(*kinds) for split, kinds in seen.items()}
     writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size, record_format,
                                    keys[split]) for split in splits}
-    for index, line in enumerate(_staged_lines(parts)):
-        writers[splitter(index)].write(line)
+    for line, split in zip(_staged_lines(parts), labels(), strict=False):
+        writers[split].write(line)
     for writer in writers.values():
         writer.close()
     counts = Counter({split: w.count for split, w in writers.items() if w.count})
@@ -321,26 +405,25 @@ def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], 
     fingerprints = {m["fingerprint"] for m in manifests}
     if len(fingerprints) != 1:
         raise BuildError("the shard folders come from different recipes or sources (fingerprints differ)")
-    for part in parts:
-        part = Path(part).resolve()
-        if part == root:
-            continue
-        for src in part.rglob("*"):
-            if src.is_file() and src.name not in (MANIFEST, "state.json"):
-                dest = root / src.relative_to(part)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_file(src, dest)
     base = manifests[0]
     from .recipes import validate_recipe
 
     recipe = validate_recipe(base["recipe"], origin=str(parts[0] if parts else root), base_dir=base["recipe"].get("base_dir"))
     recipe.output.dir = str(root)
     layout = Layout.for_recipe(recipe)
-    layout.state.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(layout.state / "state.json", json.dumps({
-        "name": recipe.dataset_name, "fingerprint": base["fingerprint"], "file_format": layout.file_format,
-        "split_enabled": layout.split_enabled}))
-    return finalize(layout, recipe, base["fingerprint"], base["num_tasks"], strict=strict)
+    part_dirs = [Path(p).resolve() for p in parts]
+    with OutputLock(layout) as lock:
+        claim_output(layout, recipe, base["fingerprint"], False, lock.take_over, beside=part_dirs)
+        lock.claimed()
+        for part in part_dirs:
+            if part == root:
+                continue
+            for src in part.rglob("*"):
+                if src.is_file() and src.name not in (MANIFEST, "state.json"):
+                    dest = root / src.relative_to(part)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _link_file(src, dest)
+        return finalize(layout, recipe, base["fingerprint"], base["num_tasks"], strict=strict)
 
 
 def _link_file(src: Path, dest: Path) -> None:

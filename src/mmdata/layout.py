@@ -6,16 +6,20 @@ split files, ``images/``, ``rejects.jsonl``, the manifest ``mmdata_build.json`` 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .errors import BuildError
+from .errors import BuildError, MmdataError
 from .recipes import Recipe
+from .sources import Source
 from .writers.llamafactory import unregister_datasets, write_text_atomic
 
 MANIFEST = "mmdata_build.json"
@@ -64,21 +68,51 @@ class Layout:
     def rejects_part(self, task: int) -> Path:
         return self.state / "rejects" / f"part-{task:05d}.jsonl"
 
+    def split_labels(self, task: int) -> Path:
+        """With ``split.from_source``: the split of each staged record of a task, one per line."""
+        return self.state / "splits" / f"part-{task:05d}.txt"
+
     def marker(self, task: int) -> Path:
         return self.state / "done" / f"task-{task:05d}.json"
 
-    def image(self, task: int, position: int, k: int, extension: str) -> Path:
-        return self.root / self.image_rel(task, position, k, extension)
+    def image(self, digest: str, extension: str) -> Path:
+        return self.root / self.image_rel(digest, extension)
 
     @staticmethod
-    def image_rel(task: int, position: int, k: int, extension: str) -> str:
-        """An image's path relative to the output folder, as records spell it (after ``media_prefix``)."""
-        return f"images/{task:05d}/{position:09d}_{k}.{extension}"
+    def image_rel(digest: str, extension: str) -> str:
+        """An image's path relative to the output folder, as records spell it (after ``media_prefix``).
+
+        Content-addressed: an image that several records share (SLAKE: ~640 images under ~14k questions) is stored
+        once, and the name depends on the bytes alone, so any number of workers writes the same tree."""
+        return f"images/{digest[:2]}/{digest}.{extension}"
 
     def owned_paths(self) -> list[Path]:
-        """Everything a build of this layout may create (what a rebuild removes; nothing else is touched)."""
-        return [*(self.data_path(s) for s in SPLITS), self.root / "images", self.root / "rejects.jsonl",
-                self.root / MANIFEST, self.state]
+        """Everything a build of this layout may create at the top of its folder: recorded in its state before any
+        of it is written, it is all a later build may remove or replace."""
+        return [*(self.data_path(s) for s in (SPLITS if self.split_enabled else SPLITS[:1])), self.root / "images",
+                self.root / "rejects.jsonl", self.root / MANIFEST, self.state]
+
+
+def read_manifest(build_dir: str | os.PathLike, error: type[MmdataError] = BuildError) -> dict:
+    """The manifest of the finished build in ``build_dir`` (the one reader every command uses); ``error`` (the
+    caller's exception class) says what is wrong: no manifest, not JSON, or only a ``--shard`` part."""
+    root = Path(build_dir).expanduser().resolve()
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{root}: no {MANIFEST}; pass the output.dir of a finished `mmdata build`") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{root / MANIFEST}: cannot be read ({e}); rebuild to rewrite it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), dict):
+        raise error(f"{root / MANIFEST}: not a build manifest; rebuild to rewrite it")
+    if manifest.get("shard", [0, 1]) != [0, 1]:
+        raise error(f"{root} holds shard {manifest['shard']} only; run `mmdata merge` first")
+    return manifest
+
+
+def manifest_dataset_info(build_dir: str | os.PathLike, manifest: dict) -> Path:
+    """The ``dataset_info.json`` a build registered its datasets in (``output.dataset_info`` may put it elsewhere)."""
+    return (Path(build_dir).expanduser().resolve() / manifest.get("dataset_info", "dataset_info.json")).resolve()
 
 
 def read_json(path: Path) -> dict | None:
@@ -88,47 +122,229 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def claim_output(layout: Layout, recipe: Recipe, fingerprint: str) -> None:
-    """Make ``layout.root`` this build's: keep finished tasks of the same fingerprint, clear a stale build's files."""
-    state_file = layout.state / "state.json"
-    state = read_json(state_file)
-    if state and state.get("name") != recipe.dataset_name and not recipe.output.overwrite:
+def input_paths(recipe: Recipe, source: Source) -> tuple[list[Path], list[Path]]:
+    """Local paths the build reads: ``(read, scanned)``.
+
+    ``read``: every existing path a ``path``/``image_root``/``data_dir``/``data_files``/``allowed_roots`` value of the
+    recipe's source names (nested mixture sources included, so plug-in sources need no code), plus the source's
+    image root and allowed roots. ``scanned``: the folders among them that a source walks (a folder ``path``, an
+    explicit ``image_root``): an output folder inside one of those would be read back by the next build.
+    """
+    read, scanned = [Path(source.image_root), *map(Path, source.allowed_roots)], []
+
+    def visit(node, key: str | None = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, key)
+        elif isinstance(node, str) and key in _PATH_KEYS and node:
+            path = source.resolve(node)
+            if path.exists():
+                read.append(path)
+                if key in ("path", "image_root", "data_dir") and path.is_dir():
+                    scanned.append(path)
+
+    visit(recipe.source.params())
+    return [Path(os.path.realpath(p)) for p in read], [Path(os.path.realpath(p)) for p in scanned]
+
+
+_PATH_KEYS = {"path", "image_root", "data_dir", "data_files", "allowed_roots"}
+
+
+def refuse_overlap(layout: Layout, read: list[Path], scanned: list[Path]) -> None:
+    """An output folder that is, or holds, something the build reads -- or lies inside a folder a source walks -- is
+    refused before anything is written: a rebuild there would replace or delete the user's input."""
+    root = Path(os.path.realpath(layout.root))
+    for path in read:
+        if path == root or path.is_relative_to(root):
+            what = "is" if path == root else "contains"
+            raise BuildError(
+                f"output.dir {root} {what} the source's input {path}: a build there could replace or delete it. "
+                "Choose an output.dir outside the source's folders (set output.dataset_info to register the "
+                "datasets in an existing dataset_info.json)")
+    for folder in scanned:
+        if root.is_relative_to(folder):
+            raise BuildError(
+                f"output.dir {root} lies inside {folder}, which the source reads: the next build would read its own "
+                "output back. Choose an output.dir outside that folder")
+
+
+class OutputLock:
+    """Claims on an output folder, so that two builds never write into one folder at cross purposes.
+
+    The folder itself is locked exclusively while a build claims it (``with OutputLock(layout)``: claims never
+    interleave). Once claimed (:meth:`claimed`), a running build holds its state folder ``.mmdata/`` shared: builds of
+    the same fingerprint (``--shard`` parts built into one folder) run side by side, while a build that would replace
+    another's files must first take that folder exclusively, without waiting (:meth:`take_over`), and is refused
+    cleanly while any other build still runs there. No lock file is left in the user's folder.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._folder: int | None = None
+        self._state: int | None = None
+        self._created = False
+
+    def __enter__(self) -> OutputLock:
+        self._created = not self.layout.root.exists()
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self._folder = os.open(self.layout.root, os.O_RDONLY)
+        fcntl.flock(self._folder, fcntl.LOCK_EX)
+        return self
+
+    def take_over(self) -> None:
+        """Call before removing another build's files: refuses while a build still runs in the folder."""
+        if not self.layout.state.is_dir():
+            return
+        fd = os.open(self.layout.state, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
+                             "or choose another output.dir") from None
+        finally:
+            os.close(fd)  # nobody can start there meanwhile: this build holds the folder's claim lock
+
+    def claimed(self) -> None:
+        """The claim is done: hold the state folder as a running build and let other builds claim."""
+        self._state = os.open(self.layout.state, os.O_RDONLY)
+        fcntl.flock(self._state, fcntl.LOCK_SH)
+        fcntl.flock(self._folder, fcntl.LOCK_UN)
+
+    def __exit__(self, exc_type, *_) -> None:
+        for fd in (self._state, self._folder):
+            if fd is not None:
+                os.close(fd)
+        if exc_type is not None and self._created:  # a refused first build leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.layout.root.rmdir()
+
+
+def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool, take_over,
+                 beside: Iterable[Path] = ()) -> None:
+    """Make ``layout.root`` this build's: keep finished tasks of the same fingerprint, clear a stale build's files.
+
+    Only what the state says an earlier build wrote is ever removed or replaced. A folder that holds files of its own
+    and no mmdata build is refused unless ``output.allow_existing``; even then a path this build would write that
+    already exists (and is not its own) is refused, never replaced. ``take_over`` is called before anything of
+    another build is removed (it refuses while that build still runs). ``beside``: folders that may stand in the
+    output folder without making it foreign (``mmdata merge`` into the folder that holds the parts).
+    """
+    state = read_json(layout.state / "state.json")
+    manifest = read_json(layout.root / MANIFEST)
+    previous = state or _state_from_manifest(manifest)  # a build whose state.json a kill removed: its manifest says
+    if previous and previous.get("name") != recipe.dataset_name and not recipe.output.overwrite:
         raise BuildError(
-            f"{layout.root} holds the build {state.get('name')!r}; choose another output.dir, or pass --overwrite "
+            f"{layout.root} holds the build {previous.get('name')!r}; choose another output.dir, or pass --overwrite "
             "to replace it"
         )
-    if state and state.get("fingerprint") != fingerprint:
+    owned = _owned(layout, previous)
+    planned = layout.owned_paths()
+    if not previous:
+        allowed = {*planned, *beside}
+        foreign = sorted(p.name for p in layout.root.iterdir() if p.name not in _SHARED_NAMES
+                         and not p.name.startswith((f".{layout.dataset_info.name}.", ".dataset_info.json."))
+                         and p not in allowed)
+        if foreign and not recipe.output.allow_existing:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BuildError(
+                f"{layout.root} is not empty ({shown}) and holds no mmdata build; choose a new or empty output.dir, "
+                "or set output.allow_existing: true (--allow-existing) to write beside those files (mmdata never "
+                "deletes or replaces a file it did not write)")
+    clashes = [p for p in planned if p not in owned and p != layout.state and (p.exists() or p.is_symlink())]
+    if clashes:
+        raise BuildError(
+            f"{clashes[0]} already exists and was not written by mmdata: a build never replaces it. Move it, or "
+            "choose another output.dir (or output.name)")
+    if previous and (not state or previous.get("fingerprint") != fingerprint or rebuild):
+        take_over()
         # Unregister the stale build first: its dataset_info entries must never point at files being rebuilt.
-        old_manifest = read_json(layout.root / MANIFEST) or {}
-        if old_manifest.get("datasets") and old_manifest.get("dataset_info"):
-            unregister_datasets((layout.root / old_manifest["dataset_info"]).resolve(),
-                                {name: d.get("file_name") for name, d in old_manifest["datasets"].items()})
-        old = Layout(layout.root, state["name"], state.get("file_format", layout.file_format),
-                     state.get("split_enabled", layout.split_enabled), layout.dataset_info)
-        for path in old.owned_paths():
-            if not path.resolve().is_relative_to(layout.root):  # a tampered state.json never deletes outside
-                continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    elif not state:
-        (layout.root / MANIFEST).unlink(missing_ok=True)
-        # Task markers without a state.json are a stale build's, caught mid-deletion by a kill (rmtree removes
-        # files in directory order, state.json possibly first): resuming from them would mix two recipes' output.
-        if layout.state.exists():
-            shutil.rmtree(layout.state)
+        if manifest and manifest.get("datasets") and manifest.get("dataset_info"):
+            unregister_datasets((layout.root / manifest["dataset_info"]).resolve(),
+                                {name: d.get("file_name") for name, d in manifest["datasets"].items()})
+        for path in owned:
+            if path != layout.state:
+                _remove(path)
+        _clear_state(layout)
+    elif not state and layout.state.exists():
+        # Task markers without a state.json are a stale build's (a kill while it was cleared): resuming from them
+        # would mix two recipes' output.
+        take_over()
+        _clear_state(layout)
+    # Leftovers of a killed run: the temporary names of this build's own top-level files (never other ``*.tmp``
+    # files of the folder, which may be the user's) and anything in the state folder. Image temporaries carry their
+    # task's number and are replaced when the task is redone.
+    for path in planned:
+        for tmp in itertools.chain([path.with_name(path.name + ".tmp")], path.parent.glob(f".{path.name}.*.tmp")):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            elif tmp.exists() or tmp.is_symlink():
+                tmp.unlink()
+    for tmp in layout.state.rglob("*.tmp") if layout.state.exists() else []:
+        tmp.unlink()
+    write_state(layout, fingerprint)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _clear_state(layout: Layout) -> None:
+    """Remove the state folder with ``state.json`` last, so a kill midway leaves a state that still says which
+    files were that build's (or no task markers at all)."""
+    if not layout.state.exists():
+        return
+    for path in layout.state.iterdir():
+        if path.name != "state.json":
+            _remove(path)
+    _remove(layout.state)
+
+
+def _state_from_manifest(manifest: dict | None) -> dict | None:
+    """What a manifest says of the build that wrote it: its dataset name and the files it registered."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("recipe"), dict) or "fingerprint" not in manifest:
+        return None
+    output = manifest["recipe"].get("output") or {}
+    datasets = manifest.get("datasets") or {}
+    root_rel = os.path.dirname(manifest.get("dataset_info") or "dataset_info.json")
+    files = [os.path.normpath(os.path.join(root_rel, d["file_name"])) for d in datasets.values()
+             if isinstance(d, dict) and isinstance(d.get("file_name"), str)]
+    return {"name": output.get("name") or manifest["recipe"].get("name"), "fingerprint": manifest["fingerprint"],
+            "owned": [*files, "images", "rejects.jsonl", MANIFEST, STATE_DIR]}
+
+
+def write_state(layout: Layout, fingerprint: str) -> None:
+    """``.mmdata/state.json``: which build this folder holds and every top-level path it may write (its own)."""
     layout.state.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a killed run: staged splits/manifest at the top, staged parts in the state folder. Image ``.tmp``
-    # files are not searched for (that would walk millions of images): the unfinished task rewrites the same names.
-    # A dataset_info.json's temporary file may belong to another build merging right now: those are removed under
-    # that file's lock (``merge_dataset_info``), never here.
-    for tmp in itertools.chain(layout.root.glob("*.tmp"), layout.state.rglob("*.tmp")):
-        if not tmp.name.startswith(".dataset_info"):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    write_text_atomic(state_file, json.dumps({
-        "name": recipe.dataset_name, "fingerprint": fingerprint, "file_format": layout.file_format,
-        "split_enabled": layout.split_enabled}))
+    write_text_atomic(layout.state / "state.json", json.dumps({
+        "name": layout.name, "fingerprint": fingerprint, "file_format": layout.file_format,
+        "split_enabled": layout.split_enabled,
+        "owned": sorted(os.path.relpath(p, layout.root) for p in layout.owned_paths())}))
+
+
+# Names in an output folder that hold no user data of their own: a dataset_info.json to merge into, and its lock.
+_SHARED_NAMES = {"dataset_info.json", ".dataset_info.json.lock"}
+
+
+def _owned(layout: Layout, state: dict | None) -> list[Path]:
+    """The paths an earlier build in this folder wrote, as its state recorded them (resolved inside the folder: a
+    tampered state never names a file outside). States written before ownership was recorded name the files of
+    their layout, as those builds did."""
+    if not state:
+        return []
+    if "owned" in state:
+        paths = [layout.root / rel for rel in state["owned"] if isinstance(rel, str)]
+    else:
+        old = Layout(layout.root, state.get("name", layout.name), state.get("file_format", layout.file_format),
+                     state.get("split_enabled", layout.split_enabled), layout.dataset_info)
+        paths = old.owned_paths()
+    root = os.path.realpath(layout.root)
+    return [p for p in paths if os.path.realpath(p.parent).startswith(root) and p.name not in ("", ".", "..")]
 
 
 def registered(layout: Layout, manifest: dict, recipe: Recipe) -> bool:

@@ -26,14 +26,31 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from ._version import __version__
 from .errors import BuildError
-from .finalize import BuildResult, check_strict, finalize, result_from_manifest, write_shard_manifest
-from .layout import MANIFEST, SPLITS, Layout, claim_output, read_json, registered
+from .finalize import (
+    BuildResult,
+    check_names_free,
+    check_strict,
+    finalize,
+    result_from_manifest,
+    write_shard_manifest,
+    write_skipped,
+)
+from .layout import (
+    MANIFEST,
+    SPLITS,
+    Layout,
+    OutputLock,
+    claim_output,
+    input_paths,
+    read_json,
+    refuse_overlap,
+    registered,
+)
 from .normalize import effective_fields
 from .recipes import Recipe
 from .sources import Source, open_source
@@ -82,21 +99,39 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
                   quiet: bool, rebuild: bool = False) -> BuildResult:
     layout = Layout.for_recipe(recipe)
     source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or ".")
+    refuse_overlap(layout, *input_paths(recipe, source))
+    if rebuild:
+        source.refresh()  # no cached copy of the input may answer for files changed in place
     fingerprint = records_fingerprint(recipe, layout, source)
     shard_index, shard_count = shard
     if not (0 <= shard_index < shard_count):
         raise BuildError(f"--shard {shard_index}/{shard_count}: the index must be in 0..{shard_count - 1}")
 
-    manifest = read_json(layout.root / MANIFEST)
-    if not rebuild and manifest and manifest.get("fingerprint") == fingerprint \
-            and manifest.get("shard") == list(shard) and registered(layout, manifest, recipe):
-        if strict:
-            check_strict(layout, manifest["counts"], "this build is up to date and registered without --strict")
-        return result_from_manifest(layout, manifest, up_to_date=True)
+    with OutputLock(layout) as lock:
+        manifest = read_json(layout.root / MANIFEST)
+        if not rebuild and manifest and manifest.get("fingerprint") == fingerprint \
+                and manifest.get("shard") == list(shard) and registered(layout, manifest, recipe):
+            result = result_from_manifest(layout, manifest, up_to_date=True)
+            if strict:
+                check_strict(layout, manifest["counts"], "this build is up to date" + (
+                    " and registered without --strict" if result.datasets else "; nothing is registered"))
+            return result
+        if shard_count == 1:
+            check_names_free(layout, recipe)  # before anything is written, not after the data
+        claim_output(layout, recipe, fingerprint, rebuild, lock.take_over)
+        lock.claimed()
+        num_tasks, rows_read = _run_tasks(recipe, layout, source, shard, engine, num_proc, quiet)
+        write_skipped(layout, source.skipped(rows_read))
+        if shard_count > 1:
+            return write_shard_manifest(layout, recipe, fingerprint, shard, num_tasks)
+        return finalize(layout, recipe, fingerprint, num_tasks, strict=strict)
 
-    claim_output(layout, recipe, fingerprint)
-    if rebuild and layout.state.exists():
-        shutil.rmtree(layout.state)  # every task again: inputs changed that the fingerprint cannot see
+
+def _run_tasks(recipe: Recipe, layout: Layout, source: Source, shard: tuple[int, int], engine: str,
+               num_proc: int | None, quiet: bool) -> tuple[int, int]:
+    """Cut the source's rows into tasks, run this shard's unfinished ones; returns the number of tasks and of rows
+    the source yielded (the ``where:`` count is taken up to that row)."""
+    shard_index, shard_count = shard
     total = source.num_rows()
     if recipe.max_samples is not None:
         total = recipe.max_samples if total is None else min(total, recipe.max_samples)
@@ -109,10 +144,10 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
         return task % shard_count == shard_index and not layout.marker(task).exists()
 
     progress = _progress(total, quiet, recipe.name)
-    num_tasks = 0
+    num_tasks = rows = 0
 
     def tasks() -> Iterator[tuple[int, list | RowRange]]:
-        nonlocal num_tasks
+        nonlocal num_tasks, rows
         if source.random_access and total is not None:
             # Workers read their own rows: the main process reads nothing, skipped tasks cost nothing.
             chunks: Iterator = (RowRange(a, min(a + size, total)) for a in range(0, total, size))
@@ -120,6 +155,7 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
             chunks = _chunks(_limited(source.rows(), recipe.max_samples), size)
         for task, chunk in enumerate(chunks):
             num_tasks = task + 1
+            rows += len(chunk)
             if wanted(task):
                 yield task, chunk
             else:
@@ -129,9 +165,7 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
     for stats in runner(ctx, tasks(), num_proc):
         progress.update(stats.read)
     progress.close()
-    if shard_count > 1:
-        return write_shard_manifest(layout, recipe, fingerprint, shard, num_tasks)
-    return finalize(layout, recipe, fingerprint, num_tasks, strict=strict)
+    return num_tasks, rows
 
 
 def _engine(name: str):

@@ -90,6 +90,16 @@ class Split(_Strict):
     pick: Literal["random", "last"] = Field(
         "random", description="random: seeded choice of rows; last: the last rows of the input (the tutorial's way)"
     )
+    from_source: bool = Field(
+        False, description="use the source's own splits (a hub dataset's train/validation/test): each row goes to the "
+                           "split its source split names (validation/valid/dev -> val); val/test must then be 0"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> Split:
+        if self.from_source and (self.val or self.test):
+            raise ValueError("split.from_source takes the source's own splits: leave split.val and split.test at 0")
+        return self
 
     @field_validator("val", "test")
     @classmethod
@@ -100,7 +110,7 @@ class Split(_Strict):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.val) or bool(self.test)
+        return bool(self.val) or bool(self.test) or self.from_source
 
 
 class Output(_Strict):
@@ -116,6 +126,9 @@ class Output(_Strict):
     )
     shard_size: int = Field(10000, gt=0, description="input rows per task/shard")
     overwrite: bool = Field(False, description="replace existing dataset_info entries of the same name")
+    allow_existing: bool = Field(
+        False, description="write into a folder that already holds files of its own (e.g. LLaMA-Factory's data/); "
+                           "mmdata still never deletes or replaces a file it did not write")
 
 
 class Info(_Strict):
@@ -150,7 +163,17 @@ class Recipe(_Strict):
                                  ) from None
         return value
     max_samples: int | None = Field(None, gt=0, description="read at most this many source rows")
+    max_rejected: int | float | None = Field(
+        None, ge=0, description="fail the build (nothing registered) when more rows are rejected than this: a count "
+                                "(int) or a share of the rows (float < 1); builds rejecting over 10% always warn")
     seed: int = 42
+
+    @field_validator("max_rejected")
+    @classmethod
+    def _count_or_share(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError("max_rejected is a count (int) or a share of the rows (0 <= float < 1)")
+        return value
     filters: Filters = Filters()
     images: ImageOptions = ImageOptions()
     split: Split = Split()

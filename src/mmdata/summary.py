@@ -1,6 +1,6 @@
 """The build summary printed at the end of every build: where the data is, what was read, written and rejected.
 
-One headline (``read N  written N  rejected N``) and a table of the same exact counts from the manifest: datasets per
+One headline (``read N  written N  rejected N``, and ``skipped N`` for rows a ``where:`` left out) and a table of the same exact counts from the manifest: datasets per
 split, records per source (mixtures), rejects per reason with their share of the rows read, the token budget, then the
 files to open.
 """
@@ -20,7 +20,8 @@ def format_summary(result) -> str:
                      "run `mmdata merge` once every shard is built")
     else:
         lines.append(f"built {result.output_dir}")
-    lines.append(f"  read {c['read']}  written {c['written']}  rejected {c['rejected']}")
+    skipped = f"  skipped {c['skipped']}" if c.get("skipped") else ""
+    lines.append(f"  read {c['read']}  written {c['written']}  rejected {c['rejected']}{skipped}")
     rows: list[tuple[str, str, str, str]] = []
     splits = _dataset_splits(result)
     for name, path in result.datasets.items():
@@ -30,6 +31,8 @@ def format_summary(result) -> str:
         rows.append(("source", source, _int(n), f"{_share(n, c['written'])} of written"))
     for reason, n in c.get("rejected_by_reason", {}).items():
         rows.append(("rejected", reason, _int(n), f"{_share(n, c['read'])} of read"))
+    for reason, n in c.get("skipped_by_reason", {}).items():
+        rows.append(("skipped", f"by {reason}:", _int(n), f"{_share(n, c['read'])} of read"))
     if rows:
         width = max(len(r[1]) for r in rows)
         count_width = max(7, *(len(r[2]) for r in rows))

@@ -8,9 +8,11 @@ so any engine and any number of workers give the same bytes, and a killed task i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,8 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import SampleError
-from .images import convert_image, inspect_image, link_or_copy, write_new_image
+from .errors import BuildError, SampleError
+from .images import convert_image, inspect_image
 from .layout import Layout
 from .normalize import Draft, normalize_row
 from .recipes import Recipe
@@ -95,6 +97,7 @@ class _PreparedImage:
     extension: str
     width: int
     height: int
+    digest: str  # names the stored file: sha256 of the bytes written (of the resolved path for a linked file)
 
 
 def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | RowRange) -> TaskStats:
@@ -107,11 +110,15 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
     budget = token_budget(ctx.recipe)
     lines: list[str] = []
     rejects: list[str] = []
+    labels: list[str] = []  # split.from_source: the source split of each line
     for position, row in rows:
         stats.read += 1
         source_name = row.pop("__source__", None) if isinstance(row, dict) else None
+        source_split = row.pop("__split__", None) if isinstance(row, dict) else None
         try:
             line, sample, sizes = _process_row(ctx, task, position, row)
+            if ctx.recipe.split.from_source:
+                labels.append(build_split(source_split))
             lines.append(line)
             stats.key_sets.add(optional_keys(line, ctx.recipe.output.format))
             turns = [(m.role, m.content) for m in sample.messages]
@@ -122,12 +129,22 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
             stats.rejected[e.kind] += 1
             rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
             continue
+        except (OSError, MemoryError, BuildError):
+            raise  # the output or the machine failed, not the row: the build stops and resumes after the fix
+        except Exception as e:  # noqa: BLE001 - one row must never end the build: any other failure is its reject
+            kind = f"internal error: {type(e).__name__}"
+            message = f"{kind}: {e} (a bug in mmdata or a plug-in: please report it with this row)"
+            stats.rejected[kind] += 1
+            rejects.append(_reject_line(position, row, ctx.fields, kind, message, source_name))
+            continue
         stats.written += 1
         if source_name:
             stats.by_source[source_name] += 1
     stats.tokens = budget.to_json()
     _write_lines(layout.part(task), lines)
     _write_lines(layout.rejects_part(task), rejects)
+    if ctx.recipe.split.from_source:
+        _write_lines(layout.split_labels(task), labels)
     marker = layout.marker(task)
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(stats.to_json()))
@@ -140,7 +157,7 @@ def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple
     draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
     prepared = [_prepare_image(ref, recipe) for ref in draft.images]
     _apply_filters(recipe, draft, prepared)
-    image_rels = [layout.image_rel(task, position, k, img.extension) for k, img in enumerate(prepared)]
+    image_rels = [layout.image_rel(img.digest, img.extension) for img in prepared]
     try:
         sample = Sample.model_validate(
             {"messages": draft.messages, "videos": draft.videos,
@@ -150,11 +167,10 @@ def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple
     except ValidationError as e:
         raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
     for img, path in zip(prepared, (layout.root / rel for rel in image_rels), strict=True):
-        if img.ref_path is not None and recipe.images.mode == "link":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(img.ref_path, path, img.data)
-        else:
-            write_new_image(path, img.data)
+        if img.data is None:  # a file linked, never read whole: relinked every time (it may have been edited)
+            _store_image(path, task, link=img.ref_path)
+        elif not path.exists():  # content-addressed: an image that exists is this one, complete (renamed into place)
+            _store_image(path, task, data=img.data)
     return record_json(sample, recipe.output.format), sample, [(img.width, img.height) for img in prepared]
 
 
@@ -185,7 +201,30 @@ def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
             info = inspect_image(data, opts.verify)
     except SampleError as e:
         raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
-    return _PreparedImage(ref.path, data if isinstance(data, bytes) else None, info.extension, info.width, info.height)
+    if isinstance(data, bytes):
+        digest = hashlib.sha256(data).hexdigest()[:32]
+    else:  # a file to link is named after its resolved path: the same file is one link, and its bytes stay unread
+        digest = hashlib.sha256(b"link\0" + os.fsencode(os.path.realpath(data))).hexdigest()[:32]
+    return _PreparedImage(ref.path, data if isinstance(data, bytes) else None, info.extension, info.width, info.height,
+                          digest)
+
+
+def _store_image(path: Path, task: int, data: bytes | None = None, link: Path | None = None) -> None:
+    """Write ``data`` (or hard-link ``link``, copied across filesystems) through a temporary name of this task's, then
+    rename it into place: a reader never sees half an image, two tasks may store the same image at once, and a task
+    redone after a kill replaces its own leftover. A file in the way is replaced whole, never written through, in
+    case it is a hard link to someone else's file."""
+    tmp = path.with_name(f"{path.name}.{task}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    if link is None:
+        tmp.write_bytes(data)
+    else:
+        try:
+            os.link(link, tmp)
+        except OSError:  # another filesystem, or hard links not allowed there
+            shutil.copyfile(link, tmp)
+    os.replace(tmp, path)
 
 
 def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -> None:
@@ -209,6 +248,23 @@ def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -
     for bound, failed, reason in checks:
         if bound is not None and isinstance(answer, str) and isinstance(question, str) and failed():
             raise SampleError(f"filtered: {reason}", kind=f"filtered: {reason}")
+
+
+#: A source's own split names -> the build's splits (``split.from_source``).
+SOURCE_SPLITS = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
+                 "dev": "val", "eval": "val", "test": "test", "testing": "test"}
+
+
+def build_split(source_split: str | None) -> str:
+    """The build split a row of the source's split ``source_split`` goes to, under ``split.from_source``."""
+    if source_split is None:
+        raise BuildError("split.from_source: the source gives no split of its own for its rows; list the splits to "
+                         "read in source.split (e.g. [train, validation, test]) or use split.val / split.test")
+    split = SOURCE_SPLITS.get(str(source_split).lower())
+    if split is None:
+        raise BuildError(f"split.from_source: the source split {source_split!r} is none of "
+                         f"{', '.join(SOURCE_SPLITS)}; leave it out of source.split or rename it")
+    return split
 
 
 def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:

@@ -1,0 +1,269 @@
+"""A build never removes or changes a byte of a file it did not write.
+
+Every case lays out a user's folder the way people do (sources inside or beside the output folder, a LLaMA-Factory
+``data/`` folder, files that share a name with a build's outputs), hashes every file mmdata did not write, runs
+builds, rebuilds after a recipe change, ``--overwrite``, kills and resumes, and hashes again. Overlaps between the
+output folder and the source are refused before anything is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import jpeg_bytes, write_recipe
+
+import mmdata
+from mmdata.errors import BuildError
+
+
+def hashes(folder: Path, skip: Path | None = None) -> dict[str, str]:
+    """sha256 of every file (symlinks: their target text) below ``folder``, except below ``skip``."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if skip is not None and (path == skip or skip in path.parents):
+            continue
+        if path.is_symlink():
+            found[path.relative_to(folder).as_posix()] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def foreign(folder: Path, out: Path) -> dict[str, str]:
+    """The user's files: everything in ``folder`` except what the build in ``out`` owns."""
+    state = json.loads((out / ".mmdata" / "state.json").read_text()) if (out / ".mmdata" / "state.json").exists() else {}
+    owned = {(out / rel).resolve() for rel in state.get("owned", [])}
+    return {rel: h for rel, h in hashes(folder).items()
+            if not any(p in owned for p in [(folder / rel).resolve(), *(folder / rel).resolve().parents])}
+
+
+def turn(image: str, text: str = "q") -> dict:
+    return {"images": [image], "messages": [{"role": "user", "content": f"<image>{text}"},
+                                            {"role": "assistant", "content": "a"}]}
+
+
+def jsonl_source(folder: Path, rows: int = 6, name: str = "data.jsonl") -> Path:
+    (folder / "imgs").mkdir(parents=True, exist_ok=True)
+    for i in range(rows):
+        (folder / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(color=(i * 30 % 255, 5, 5)))
+    (folder / name).write_text("\n".join(json.dumps(turn(f"imgs/{i}.jpg", f"q{i}")) for i in range(rows)) + "\n")
+    return folder / name
+
+
+def recipe(folder: Path, out: Path, source: dict, **extra) -> Path:
+    spec = {"name": "t", "source": source, "output": {"dir": str(out)}, **extra}
+    return write_recipe(folder / "r.yaml", spec)
+
+
+def build(path: Path, **kw):
+    return mmdata.build(str(path), num_proc=1, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- overlaps: refused
+
+
+def test_imagefolder_source_inside_the_output_folder_is_refused_untouched(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(jpeg_bytes())
+        (tmp_path / "images" / f"{i}.txt").write_text(f"caption {i}")
+    before = hashes(tmp_path)
+    r = recipe(tmp_path / "images", tmp_path, {"type": "imagefolder", "path": "."})
+    before = hashes(tmp_path)
+    with pytest.raises(BuildError, match="contains the source's input"):
+        build(r)
+    assert hashes(tmp_path) == before
+
+
+def test_json_source_with_the_dataset_name_in_the_output_folder_is_refused(tmp_path):
+    """The classic: ``t.json`` as source and ``output.dir`` its folder, file_format json (``t.json`` is the output)."""
+    jsonl_source(tmp_path, name="t.json")
+    r = recipe(tmp_path, tmp_path, {"type": "json", "path": "t.json"}, )
+    spec = json.loads(json.dumps(__import__("yaml").safe_load(r.read_text())))
+    spec["output"]["file_format"] = "json"
+    write_recipe(r, spec)
+    before = hashes(tmp_path)
+    with pytest.raises(BuildError, match="is the source's input|contains the source's input"):
+        build(r)
+    assert hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["inside_scanned", "is_allowed_root", "contains_allowed_root", "is_image_root"])
+def test_overlaps_with_read_folders_are_refused(tmp_path, where):
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl_source(src)
+    extra_root = tmp_path / "shared_images"
+    extra_root.mkdir()
+    (extra_root / "x.jpg").write_bytes(jpeg_bytes())
+    source = {"type": "jsonl", "path": str(src), "allowed_roots": [str(extra_root)]}
+    out = {"inside_scanned": src / "out", "is_allowed_root": extra_root, "contains_allowed_root": tmp_path,
+           "is_image_root": src}[where]
+    r = recipe(tmp_path, out, source)
+    before = hashes(tmp_path)
+    with pytest.raises(BuildError, match="output.dir"):
+        build(r)
+    assert hashes(tmp_path) == before
+    assert out.exists() == (where != "inside_scanned")  # a refused build leaves no folder of its own behind
+
+
+def test_output_beside_a_csv_in_its_folder_is_allowed(tmp_path):
+    """The tutorial layout: the CSV and its images in the project folder, output in ``out/`` below it."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "train.csv").write_text("image_path,text\nimgs/a.jpg,x\n")
+    r = recipe(tmp_path, tmp_path / "out", {"type": "csv", "path": "train.csv"},
+               fields={"image": "image_path", "answer": "text"}, prompt="read it")
+    before = hashes(tmp_path)
+    assert build(r).written == 1
+    assert {k: v for k, v in hashes(tmp_path).items() if not k.startswith("out/")} == before
+
+
+# ----------------------------------------------------------------------------------------------- foreign folders
+
+
+def test_a_non_empty_folder_that_is_no_build_is_refused_unless_allowed(tmp_path):
+    jsonl_source(tmp_path / "src")
+    out = tmp_path / "LLaMA-Factory" / "data"
+    out.mkdir(parents=True)
+    (out / "mllm_demo.json").write_text("[]")
+    (out / "notes.tmp").write_text("mine")  # a user's *.tmp at the top: builds used to delete these
+    (out / "stuff.tmp").mkdir()
+    (out / "stuff.tmp" / "keep").write_text("mine too")
+    (out / "dataset_info.json").write_text(json.dumps({"mllm_demo": {"file_name": "mllm_demo.json"}}))
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"})
+    before = hashes(out)
+    with pytest.raises(BuildError, match="is not empty .*allow_existing"):
+        build(r)
+    assert hashes(out) == before
+    result = build(r, output__allow_existing=True)
+    assert result.written == 6
+    user = {k: v for k, v in before.items() if k != "dataset_info.json"}
+    assert {k: v for k, v in foreign(out, out).items() if k in user} == user
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["mllm_demo"] == {"file_name": "mllm_demo.json"} and "t" in info
+    # a rebuild after a recipe change, then --overwrite with a split: still nothing of the user's changes
+    build(r, output__allow_existing=True, prompt="changed")
+    build(r, output__allow_existing=True, output__overwrite=True, split__val=2)
+    assert {k: v for k, v in hashes(out).items() if k in user} == user
+
+
+@pytest.mark.parametrize("planted", ["t", "images", "rejects.jsonl", "mmdata_build.json", "t_val"])
+def test_a_foreign_file_at_a_path_the_build_would_write_is_never_replaced(tmp_path, planted):
+    jsonl_source(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / planted
+    if planted in ("images", "t", "t_val"):
+        target.mkdir()
+        (target / "precious.jpg").write_bytes(b"user data")
+    else:
+        target.write_text("user data")
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"},
+               **({"split": {"val": 2}} if planted == "t_val" else {}))
+    before = hashes(out)
+    with pytest.raises(BuildError, match="was not written by mmdata"):
+        build(r, output__allow_existing=True)
+    assert hashes(out) == before
+
+
+def test_files_a_user_adds_to_a_build_folder_survive_rebuilds(tmp_path):
+    jsonl_source(tmp_path / "src")
+    out = tmp_path / "out"
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"})
+    build(r)
+    (out / "README.txt").write_text("my notes")
+    (out / "t_val").mkdir()  # the user's folder, named like the val split a later recipe writes
+    (out / "t_val" / "x.json").write_text("{}")
+    (out / "images" / "mine.jpg").write_bytes(b"inside an owned folder: a rebuild may clear it")
+    keep = {k: v for k, v in hashes(out).items() if k.startswith(("README", "t_val"))}
+    build(r, prompt="again")  # recipe change: the old build's own files go, the user's stay
+    assert {k: v for k, v in hashes(out).items() if k in keep} == keep
+    with pytest.raises(BuildError, match="t_val already exists and was not written by mmdata"):
+        build(r, split__val=2, output__overwrite=True)
+    assert {k: v for k, v in hashes(out).items() if k in keep} == keep
+
+
+def test_a_tampered_state_never_names_a_file_outside_the_folder(tmp_path):
+    jsonl_source(tmp_path / "src")
+    out = tmp_path / "out"
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"})
+    build(r)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    state_file = out / ".mmdata" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["owned"] += ["../victim.txt", "/etc/hostname", "../src"]
+    state_file.write_text(json.dumps(state))
+    before = hashes(tmp_path, skip=out)
+    build(r, prompt="changed")
+    assert hashes(tmp_path, skip=out) == before and victim.read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------- crashes and races
+
+
+def _cli(recipe_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mmdata.cli", "build", str(recipe_path), "--quiet", "--num-proc", "1", *args]
+
+
+def test_kill_and_resume_in_a_shared_folder_keep_the_users_files(tmp_path):
+    src = tmp_path / "src"
+    jsonl_source(src, rows=120)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "mllm_demo.json").write_text("[1, 2, 3]")
+    (out / "x.tmp").write_text("user tmp")
+    spec = {"name": "t", "source": {"type": "jsonl", "path": "data.jsonl"}, "split": {"val": 5},
+            "output": {"dir": str(out), "shard_size": 4, "allow_existing": True}}
+    r = write_recipe(src / "r.yaml", spec)
+    before = hashes(out)
+    for delay in (0.9, 1.2, 1.6):
+        proc = subprocess.Popen(_cli(r), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert {k: v for k, v in hashes(out).items() if k in before} == before
+    done = subprocess.run(_cli(r), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {k: v for k, v in hashes(out).items() if k in before} == before
+
+
+def test_two_recipes_into_one_folder_at_once_one_is_refused_cleanly(tmp_path):
+    """The second build starts while the first runs (slow on purpose: every row re-encodes a large image)."""
+    import io
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    buf = io.BytesIO()
+    Image.effect_noise((1000, 1000), 60).convert("RGB").save(buf, format="JPEG")
+    (src / "big.jpg").write_bytes(buf.getvalue())
+    (src / "data.jsonl").write_text("\n".join(json.dumps(turn("big.jpg", f"q{i}")) for i in range(24)) + "\n")
+    out = tmp_path / "out"
+    slow = {"images": {"mode": "convert", "format": "png"}, "source": {"type": "jsonl", "path": "data.jsonl"},
+            "output": {"dir": str(out), "shard_size": 1}}
+    first = write_recipe(src / "a.yaml", {"name": "a", **slow})
+    second = write_recipe(src / "b.yaml", {"name": "a", "prompt": "other", **slow})
+    proc = subprocess.Popen(_cli(first), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / ".mmdata" / "done").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    late = subprocess.run(_cli(second), capture_output=True, text=True)
+    assert proc.poll() is None, "the first build ended before the second started: make it slower"
+    first_err = proc.communicate()[1]
+    assert proc.returncode == 0, first_err
+    assert late.returncode == BuildError.exit_code and "another build is writing into" in late.stderr
+    assert "Traceback" not in late.stderr
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert json.loads((out / "mmdata_build.json").read_text())["counts"]["written"] == 24 and "a" in info
+    assert len(list((out / "images").rglob("*.png"))) == 1  # one image under 24 records: stored once
