@@ -527,3 +527,27 @@ def test_two_process_ddp_matches_one_process_at_equal_global_batch(tiny_model, t
     net = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model), tmp_path / "ddp")
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(net(input_ids=ids, labels=ids).loss)
+
+
+def test_split_entries_are_found_when_dataset_info_lives_elsewhere(tmp_path):
+    """``output.dataset_info`` outside the build folder: the trainer finds the split entries from the build folder
+    (its manifest says where they are registered) and from the dataset_info.json itself."""
+    import mmdata
+    from mmdata.train.data import resolve_split
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    (src / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    info = tmp_path / "LLaMA-Factory" / "data" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"other_train": {"file_name": "o.json"}, "other_val": {"file_name": "v.json"}}))
+    (src / "r.yaml").write_text(json.dumps({"name": "mine", "source": {"type": "jsonl", "path": "d.jsonl"},
+                                            "split": {"val": 2}, "output": {"dir": str(tmp_path / "out"),
+                                                                            "dataset_info": str(info)}}))
+    mmdata.build(str(src / "r.yaml"), num_proc=1)
+    assert not (tmp_path / "out" / "dataset_info.json").exists()
+    for where in (tmp_path / "out", info):
+        assert resolve_split(where, "train") == (info, ["mine_train"])
+        assert resolve_split(where, "val") == (info, ["mine_val"])

@@ -27,10 +27,10 @@ from typing import Any
 import yaml
 
 from .errors import MmdataError
+from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
 from .tokens import IMAGE_MAX_PIXELS, estimate_text_tokens, record_tokens
 
-MANIFEST = "mmdata_build.json"
 ARGS_FILE = "llamafactory_args.json"
 TEMPLATE = "qwen2_vl"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -92,12 +92,10 @@ def read_build(build_dir: str | Path) -> BuildDatasets:
     """Read a build's manifest and check its datasets are registered in the ``dataset_info.json`` it names."""
     root = Path(build_dir).resolve()
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise LlamaFactoryConfigError(f"{root}: no {MANIFEST}; pass the output folder of `mmdata build`")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(root, LlamaFactoryConfigError)
     if not manifest.get("datasets"):
-        raise LlamaFactoryConfigError(f"{manifest_path}: no datasets (a --shard part? run `mmdata merge` first)")
-    info_path = (root / manifest.get("dataset_info", DATA_CONFIG)).resolve()
+        raise LlamaFactoryConfigError(f"{manifest_path}: no datasets (every row was rejected: see rejects.jsonl)")
+    info_path = manifest_dataset_info(root, manifest)
     if not info_path.is_file():
         raise LlamaFactoryConfigError(f"{info_path}: missing; rebuild, or restore the dataset_info.json of the build")
     info = json.loads(info_path.read_text(encoding="utf-8"))

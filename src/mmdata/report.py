@@ -40,9 +40,9 @@ from . import lfdata
 from . import tokens as qwen_tokens
 from ._version import __version__
 from .errors import MmdataError
+from .layout import manifest_dataset_info, read_manifest
 
 REPORT_DIR = "report"
-MANIFEST = "mmdata_build.json"
 SAMPLE_RECORDS = 10_000
 LF_IMAGE_MAX_PIXELS = qwen_tokens.IMAGE_MAX_PIXELS  # LLaMA-Factory's default image_max_pixels
 LF_IMAGE_MIN_PIXELS = qwen_tokens.IMAGE_MIN_PIXELS  # LLaMA-Factory's default image_min_pixels
@@ -118,15 +118,8 @@ class Build:
     @classmethod
     def open(cls, build_dir: str | os.PathLike) -> Build:
         root = Path(build_dir).expanduser().resolve()
-        try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ReportError(f"{root}: no {MANIFEST}; pass the output.dir of a finished `mmdata build`") from None
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{root / MANIFEST}: not valid JSON ({e.msg}); rebuild to rewrite it") from None
-        if manifest.get("shard", [0, 1]) != [0, 1]:
-            raise ReportError(f"{root} holds shard {manifest['shard']} only; run `mmdata merge` first")
-        info_path = (root / manifest.get("dataset_info", lfdata.DATA_CONFIG)).resolve()
+        manifest = read_manifest(root, ReportError)
+        info_path = manifest_dataset_info(root, manifest)
         info = lfdata.read_dataset_info(info_path) if manifest.get("datasets") else {}  # none: all rows rejected
         missing = [name for name in manifest.get("datasets", {}) if name not in info]
         if missing:

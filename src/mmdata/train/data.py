@@ -20,9 +20,10 @@ The data path, and why it is shaped like this:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import MmdataError
+from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
 from ..tokens import smart_resize
 from .config import TrainError
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
-BUILD_MANIFEST = "mmdata_build.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,23 +52,37 @@ def resolve_split(dataset: str | Path, split: str, names: list[str] | None = Non
     without a manifest, entries named ``*_train`` / ``*_val`` are used, and a lone entry counts as ``train``.
     """
     path = Path(dataset)
-    info_path = path / DATA_CONFIG if path.is_dir() else path
+    manifest = None
+    if path.is_dir() and (path / MANIFEST).is_file():  # a build folder: its manifest says where it registered
+        manifest = read_manifest(path, TrainError)
+        info_path = manifest_dataset_info(path, manifest)
+    else:
+        info_path = path / DATA_CONFIG if path.is_dir() else path
     info = read_dataset_info(info_path)
     if names:
         missing = [n for n in names if n not in info]
         if missing:
             raise TrainError(f"{info_path}: no entry {', '.join(missing)}; known entries: {', '.join(sorted(info))}")
         return info_path, list(names)
-    manifest = info_path.parent / BUILD_MANIFEST
-    if manifest.exists():
-        datasets = json.loads(manifest.read_text(encoding="utf-8")).get("datasets", {})
-        found = [n for n, d in datasets.items() if (d or {}).get("split", "train") == split and n in info]
+    for build in [manifest] if manifest else _builds_of(info_path, info):
+        found = [n for n, d in build.get("datasets", {}).items() if (d or {}).get("split", "train") == split and n in info]
         if found:
             return info_path, found
     found = [n for n in info if n.endswith(f"_{split}")]
     if not found and split == "train" and len(info) == 1:
         found = list(info)
     return info_path, found
+
+
+def _builds_of(info_path: Path, info: dict) -> Iterator[dict]:
+    """The manifests of the builds whose datasets ``info`` registers: beside ``dataset_info.json`` (a build into its
+    folder), else in the folder holding each entry's data (``output.dataset_info`` pointing elsewhere)."""
+    folders = [info_path.parent] + [(info_path.parent / e["file_name"]).parent for e in info.values()
+                                    if isinstance(e, dict) and isinstance(e.get("file_name"), str)]
+    for folder in dict.fromkeys(folders):
+        if (folder / MANIFEST).is_file():
+            with contextlib.suppress(MmdataError):
+                yield read_manifest(folder)
 
 
 def read_conversations(info_path: Path, names: list[str]) -> list[tuple[list, list[str]]]:
