@@ -20,9 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import RecipeError, SampleError, SourceError
 
 _REGISTRY: dict[str, type[Source]] = {}
-_BUILTIN_MODULES = ("csv", "jsonfile", "imagefolder", "hf", "synthetic_latex", "image_join", "mixture", "memory")
-
-
 class SourceParams(BaseModel):
     """Base for a source's parameters: unknown keys are errors, so typos never pass silently."""
 
@@ -128,11 +125,13 @@ def register_source(name: str) -> Callable[[type[Source]], type[Source]]:
 
 
 def _load_builtins() -> None:
-    """Import every built-in adapter once (importing one directly, e.g. ``sources.hf``, registers only that one)."""
+    """Import every module of this package once: each registers its sources with ``@register_source``, so a new
+    built-in adapter is one new file and no list to keep in step (importing one directly registers only that one)."""
     import importlib
+    import pkgutil
 
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def get_source_class(name: str) -> type[Source]:
