@@ -26,9 +26,16 @@ demo: install
 
 test: unit conformance
 
-unit: install-test
+# LLaMA-Factory 0.9.5's own source (the wheel, unpacked, no install): tests/test_profiles.py checks mmdata's token
+# counts against its template and plugin code.
+LF_SRC := .cache/lf-src
+$(LF_SRC)/llamafactory:
+	$(BIN)/pip download -q --no-deps -d .cache/lf-wheel llamafactory==0.9.5
+	$(BIN)/python -c "import zipfile, glob; zipfile.ZipFile(glob.glob('.cache/lf-wheel/llamafactory-0.9.5-*.whl')[0]).extractall('$(LF_SRC)')"
+
+unit: install-test $(LF_SRC)/llamafactory
 	$(BIN)/ruff check src tests examples
-	$(BIN)/python -m pytest -q
+	MMDATA_LF_SRC=$(abspath $(LF_SRC)) $(BIN)/python -m pytest -q
 
 # What mmdata writes loads, trains, predicts and merges in the real LLaMA-Factory (its own venv in .cache/lf-venv).
 conformance: install-test
