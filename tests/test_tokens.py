@@ -1,14 +1,20 @@
 """Token budget: Qwen2-VL image tokens match transformers' smart_resize, text is counted or honestly estimated."""
 
+import math
+import random
+
 import pytest
 
 from mmdata.tokens import (
     DEFAULT_SYSTEM_TOKENS,
+    IMAGE_MAX_PIXELS,
+    IMAGE_MIN_PIXELS,
     TURN_OVERHEAD,
     TokenBudget,
     TokenCounter,
     estimate_text_tokens,
     image_tokens,
+    lf_image_problem,
     lf_image_size,
     qwen2vl_image_tokens,
     record_tokens,
@@ -122,3 +128,83 @@ def test_budget_add_feeds_records_and_merges():
 def test_counter_uses_image_settings():
     small = TokenCounter(image_max_pixels=224 * 224)
     assert small.image(1920, 1080) < TokenCounter().image(1920, 1080)
+
+
+# LLaMA-Factory 0.9.5, src/llamafactory/data/mm_plugin.py: MMPluginMixin._preprocess_image then
+# Qwen2VLPlugin._preprocess_image, transcribed on a stand-in image whose resize fails like PIL's on a 0-pixel side.
+class _Image:
+    def __init__(self, width, height):
+        self.width, self.height = width, height
+
+    def resize(self, size):
+        if size[0] <= 0 or size[1] <= 0:
+            raise ValueError("height and width must be > 0")  # PIL's message
+        return _Image(*size)
+
+
+def llamafactory_preprocess(image, image_max_pixels, image_min_pixels):
+    if (image.width * image.height) > image_max_pixels:
+        resize_factor = math.sqrt(image_max_pixels / (image.width * image.height))
+        image = image.resize((int(image.width * resize_factor), int(image.height * resize_factor)))
+    if (image.width * image.height) < image_min_pixels:
+        resize_factor = math.sqrt(image_min_pixels / (image.width * image.height))
+        image = image.resize((int(image.width * resize_factor), int(image.height * resize_factor)))
+    if min(image.width, image.height) < 28:
+        image = image.resize((max(image.width, 28), max(image.height, 28)))
+    if image.width / image.height > 200:
+        image = image.resize((image.height * 180, image.height))
+    if image.height / image.width > 200:
+        image = image.resize((image.width, image.width * 180))
+    return image
+
+
+SIDES = [1, 2, 3, 27, 28, 29, 199, 201, 3000, 60000, 600_000]
+
+
+def random_sizes(n=20000, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield (rng.choice(SIDES + [rng.randint(1, 5000), rng.randint(1, 10**6)]),
+               rng.choice(SIDES + [rng.randint(1, 5000), rng.randint(1, 10**6)]),
+               rng.choice([IMAGE_MAX_PIXELS, 1000, 1024, 40000, rng.randint(1, 10**6)]),
+               rng.choice([IMAGE_MIN_PIXELS, 1, 56 * 56]))
+
+
+def test_lf_image_size_is_llamafactory_and_lf_image_problem_predicts_its_failures():
+    failures = 0
+    for w, h, max_pixels, min_pixels in random_sizes():
+        try:
+            image = llamafactory_preprocess(_Image(w, h), max_pixels, min_pixels)
+        except ValueError:
+            failures += 1
+            assert lf_image_problem(w, h, max_pixels) is not None, (w, h, max_pixels)
+        else:
+            assert lf_image_problem(w, h, max_pixels) is None, (w, h, max_pixels)
+            assert lf_image_size(w, h, max_pixels, min_pixels) == (image.width, image.height), (w, h, max_pixels)
+    assert failures > 100  # the generator does reach LLaMA-Factory's failure case
+
+
+def test_image_tokens_are_total_over_positive_sizes_and_the_processor_never_raises():
+    """The known crash: 3000x2 converted into max_pixels 1000 came out 1224x1, and counting it at image_max_pixels
+    1000 divided by zero. Counting never raises now; a side LLaMA-Factory would shrink to 0 counts as 1 pixel."""
+    assert lf_image_size(1224, 1, 1000) == (1106, 28)
+    assert lf_image_problem(1224, 1, 1000) and "0 pixels" in lf_image_problem(1224, 1, 1000)
+    assert image_tokens(1224, 1, 1000) == 40
+    assert lf_image_size(60000, 1) == (5040, 28)  # sides to 28, then the 180:1 crop of the plugin
+    assert image_tokens(60000, 1) == 180
+    for w, h, max_pixels, min_pixels in random_sizes(5000, seed=1):
+        assert image_tokens(w, h, max_pixels, min_pixels) >= 1
+        width, height = lf_image_size(w, h, max_pixels, min_pixels)
+        smart_resize(height, width)  # raises past 200:1, as transformers does: never after LLaMA-Factory's fixes
+    with pytest.raises(ValueError, match="positive"):
+        image_tokens(0, 10)
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_smart_resize_is_transformers_line_for_line():
+    transformers_qwen = pytest.importorskip("transformers.models.qwen2_vl.image_processing_qwen2_vl")
+    for w, h, max_pixels, _ in random_sizes(3000, seed=2):
+        if max(w, h) / min(w, h) > 200:
+            continue
+        assert smart_resize(h, w, max_pixels=max(max_pixels, 3136)) == transformers_qwen.smart_resize(
+            h, w, 28, 56 * 56, max(max_pixels, 3136))

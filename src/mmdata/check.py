@@ -25,13 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
-
 from . import lfdata
-from .errors import DatasetInfoError
-from .images import ends_cleanly
-from .samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, conversation_problems
-from .tokens import TokenBudget, token_counter
+from .errors import DatasetInfoError, SampleError
+from .images import image_info
+from .samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, conversation_problems, encodable, utf8_text
+from .tokens import IMAGE_MAX_PIXELS, TokenBudget, lf_image_problem, token_counter
 
 Severity = Literal["error", "warning", "info"]
 
@@ -277,9 +275,11 @@ class _EntryChecker:
     """Checks the records of one local entry, one at a time, keeping only bounded state."""
 
     def __init__(self, name: str, attr: lfdata.DatasetAttr, media_dir: Path, report: ValidationReport,
-                 budget: TokenBudget | None, check_images: bool, decode_images: bool):
+                 budget: TokenBudget | None, check_images: bool, decode_images: bool,
+                 image_max_pixels: int = IMAGE_MAX_PIXELS):
         self.name, self.attr, self.media_dir, self.report = name, attr, media_dir, report
         self.budget, self.check_images, self.decode_images = budget, check_images, decode_images
+        self.image_max_pixels = image_max_pixels
         self.types: dict[str, tuple[str, int]] = {}
         self.keys: set[str] = set()
         self.sizes: dict[str, tuple[int, int] | str] = {}
@@ -297,6 +297,12 @@ class _EntryChecker:
                          "every record must be a JSON object", "not-an-object", file)
             return
         self._check_types(index, record, file)
+        where = _lone_surrogate(record)
+        if where is not None:
+            self.problem(index, "error", f"{where} holds a lone UTF-16 surrogate (an escape such as \\ud83d: half of a "
+                         "character): datasets cannot load the file (pyarrow: 'The surrogate pair in string is "
+                         "invalid')", "replace it with U+FFFD or remove it (mmdata build writes U+FFFD)",
+                         "bad-unicode", file)
         if not self._check_shape(index, record, file):
             return
         try:
@@ -433,8 +439,14 @@ class _EntryChecker:
                              f"image {path!r}: {info}", _media_fix(info, self.media_dir), _media_code(info), file)
                 if not info.startswith("found only"):
                     sizes = None
-            elif sizes is not None:
-                sizes.append(info)
+            else:
+                problem = lf_image_problem(*info, self.image_max_pixels)
+                if problem:
+                    self.problem(index, "error", f"image {path!r}: {problem}", "drop the record, pad or crop the "
+                                 "image, or rebuild with images: {mode: convert, max_pixels: P} and the same "
+                                 "image_max_pixels P (a thin image is then fitted safely)", "image-too-thin", file)
+                if sizes is not None:
+                    sizes.append(info)
         for video in videos:
             if isinstance(video, str) and self.check_images and not self._resolve(video)[1]:
                 self.problem(index, "error", f"video {video!r}: missing", _media_fix("missing", self.media_dir),
@@ -486,6 +498,22 @@ class _EntryChecker:
                              f'add "{col}": "{key}" to the entry\'s "columns"', "unmapped-column")
 
 
+def _lone_surrogate(value: object, where: str | None = None) -> str | None:
+    """Which field of a record (``messages[0].content``) holds a string with a lone surrogate, or None. Python's
+    ``json`` reads ``"\\ud83d"`` into one; pyarrow, LLaMA-Factory's loader, refuses it."""
+    if isinstance(value, str):
+        return None if encodable(value) else where or "the record"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and not encodable(key):
+            return f"a key of {where or 'the record'}"
+        found = _lone_surrogate(item, f"{where}[{key}]" if isinstance(key, int) else
+                                key if where is None else f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
 def _guess_tag(role: object) -> str | None:
     role = str(role).lower()
     for tag, words in (("user_tag", ("user", "human")), ("assistant_tag", ("assistant", "gpt", "bot", "model")),
@@ -505,21 +533,21 @@ def _in_code(text: str, tag: str) -> bool:
 
 
 def _open_image(path: Path, decode: bool) -> tuple[int, int] | str:
-    """``(width, height)`` from the header, or a reason. Without ``decode``, the same check as a build's default
-    (``images.verify: header``): a PNG/JPEG without its end marker is decoded for the verdict, as LLaMA-Factory would
-    (PIL's ``verify`` is stricter than its decoder and would flag files that train fine)."""
+    """``(width, height)``, or a reason. The build's own check (:func:`mmdata.images.image_info`, ``images.verify:
+    header`` unless ``decode``), so validate accepts whatever a build writes and a build writes whatever validate
+    accepts: PIL opens the file and a PNG/JPEG ends with its end marker; one without it, any other format and a
+    JPEG frame type PIL may not decode are decoded, as LLaMA-Factory would (PIL's ``verify`` is stricter than its
+    decoder and would flag files that train fine). Only the build's own policy differs: it also refuses formats it
+    cannot name a file for and images over PIL's decompression-bomb warning size."""
     try:
-        with Image.open(path) as im:
-            size = im.size
-            if decode or not ends_cleanly(path, im.format or ""):
-                im.load()
-        return size
+        info = image_info(path, "decode" if decode else "header")
     except FileNotFoundError:
         return f"missing (looked for {path})"
-    except Image.DecompressionBombError as e:
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    except SampleError as e:
         return f"unreadable: {e}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"unreadable: {str(e) or type(e).__name__}"
+    return info.width, info.height
 
 
 def _media_code(info: str) -> str:
@@ -580,7 +608,8 @@ def validate(dataset_info: str | os.PathLike, datasets: list[str] | None = None,
         if files is None:
             continue
         budget = TokenBudget(cutoff_len, counter) if counter is not None else None
-        checker = _EntryChecker(name, attr, media, report, budget, check_images, decode_images)
+        checker = _EntryChecker(name, attr, media, report, budget, check_images, decode_images,
+                                image_max_pixels or IMAGE_MAX_PIXELS)
         summary.budget = budget
         summary.records = _check_records(checker, files, dataset_dir, max_records)
         checker.finish(summary.records)
@@ -749,6 +778,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                       cutoff_len=args.cutoff_len, tokenizer=args.tokenizer, image_max_pixels=args.image_max_pixels,
                       image_min_pixels=args.image_min_pixels, check_images=not args.no_images,
                       decode_images=args.decode_images, max_per_kind=args.max_problems)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format_text())
+    # utf8_text: a problem may quote record data, and stdout cannot print a lone surrogate
+    print(utf8_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format_text()))
     return 0 if report.ok else 1
 

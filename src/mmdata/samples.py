@@ -8,23 +8,51 @@ Every source normalises into :class:`Sample`; every writer reads from it. The ru
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 
 Role = Literal["system", "user", "assistant"]
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> bool:
+    """True when UTF-8 can carry ``text``: it holds no surrogate code point (see :func:`utf8_text`)."""
+    return _SURROGATE.search(text) is None
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with every lone UTF-16 surrogate replaced by U+FFFD (a surrogate pair split into two code points is
+    joined back into its character).
+
+    JSON may spell half a character (``"q\\ud83d"``: scraped text cut between the two halves of an emoji), and
+    Python's ``json`` reads it into a ``str`` that UTF-8 cannot encode, so writing it fails; escaping it instead
+    (``ensure_ascii``) gives a file that pyarrow, LLaMA-Factory's JSON loader, refuses ("The surrogate pair in string
+    is invalid"). The half carries nothing to keep, so it becomes U+FFFD, as any UTF-8 decoder does with a broken
+    sequence, and the rest of the record is kept rather than rejected. A no-op (one regex scan) on valid text."""
+    if encodable(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
 
 class Message(BaseModel):
-    """One turn. Content is plain text; media appear as ``<image>``/``<video>`` placeholders inside it."""
+    """One turn. Content is plain text; media appear as ``<image>``/``<video>`` placeholders inside it. Content that
+    UTF-8 cannot carry (lone surrogates) is repaired on the way in, see :func:`utf8_text`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Role
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _encodable(cls, content: str) -> str:
+        return utf8_text(content)
 
 
 class Sample(BaseModel):
@@ -39,6 +67,16 @@ class Sample(BaseModel):
     messages: list[Message]
     images: list[str] = []
     videos: list[str] = []
+
+    @field_validator("images", "videos")
+    @classmethod
+    def _encodable_paths(cls, paths: list[str]) -> list[str]:
+        """A path is refused rather than repaired: with U+FFFD in it, it would name another file."""
+        for path in paths:
+            if not encodable(path):
+                raise ValueError(f"path {utf8_text(path)!r} is not valid Unicode (a lone surrogate): UTF-8 files "
+                                 "cannot carry it")
+        return paths
 
     @model_validator(mode="after")
     def _conversation_rules(self, info: ValidationInfo) -> Sample:

@@ -82,10 +82,18 @@ def lf_image_size(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIX
                   image_min_pixels: int = IMAGE_MIN_PIXELS) -> tuple[int, int]:
     """The size LLaMA-Factory hands the processor: scaled into ``[image_min_pixels, image_max_pixels]`` (truncating
     like its ``int(width * factor)``), then the Qwen2-VL plugin's fixes: sides at least 28, aspect ratio at most 180:1
-    once it passes 200:1."""
+    once it passes 200:1 (LLaMA-Factory 0.9.5, ``mm_plugin.py``: ``MMPluginMixin._preprocess_image`` and
+    ``Qwen2VLPlugin._preprocess_image``). The result always passes transformers' ``smart_resize``.
+
+    Total over positive sizes: where LLaMA-Factory's shrink truncates a side to 0 pixels (a 3000x2 image at
+    ``image_max_pixels`` 1000: ``int(2 * 0.41) == 0``), LLaMA-Factory itself fails (PIL: "height and width must be
+    > 0"); that side counts as 1 pixel here so a count is always defined, and :func:`lf_image_problem` says that such
+    an image cannot be trained."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
     if width * height > image_max_pixels:
         scale = math.sqrt(image_max_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
+        width, height = max(1, int(width * scale)), max(1, int(height * scale))
     if width * height < image_min_pixels:
         scale = math.sqrt(image_min_pixels / (width * height))
         width, height = int(width * scale), int(height * scale)
@@ -96,6 +104,21 @@ def lf_image_size(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIX
     if height / width > 200:
         height = width * 180
     return width, height
+
+
+def lf_image_problem(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIXELS) -> str | None:
+    """Why LLaMA-Factory cannot train on a ``width`` x ``height`` image at ``image_max_pixels``, or None.
+
+    Its shrink to ``image_max_pixels`` truncates each side (``int(side * factor)``): a side below ``1 / factor``
+    becomes 0 and PIL's resize raises, so the first batch holding the record stops the training run. Only very thin
+    images do this (a side of 1 or 2 pixels, an area above the budget)."""
+    if width * height <= image_max_pixels:
+        return None
+    scale = math.sqrt(image_max_pixels / (width * height))
+    if int(width * scale) >= 1 and int(height * scale) >= 1:
+        return None
+    return (f"image {width}x{height} is too thin for image_max_pixels {image_max_pixels}: LLaMA-Factory would shrink "
+            "a side to 0 pixels and stop training (PIL: height and width must be > 0)")
 
 
 def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, min_pixels: int = IMAGE_MIN_PIXELS,

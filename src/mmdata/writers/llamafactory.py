@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DatasetInfoError
-from ..samples import Sample
+from ..samples import Sample, utf8_text
 
 SHAREGPT_TAGS = {
     "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
@@ -30,6 +30,13 @@ def record_json(sample: Sample, fmt: str) -> str:
     if fmt == "sharegpt":
         return sample.to_json_line()
     return json.dumps(alpaca_record(sample), ensure_ascii=False, separators=(",", ":"))
+
+
+def json_line(value: object) -> str:
+    """One JSON line (non-ASCII kept readable, other objects through ``str``) that UTF-8 can carry: lone surrogates
+    in any string (an id, a message quoting row data) become U+FFFD, see :func:`mmdata.samples.utf8_text`. For
+    rejects and other lines written from raw row data; records are already repaired by :class:`Sample`."""
+    return utf8_text(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def alpaca_record(sample: Sample) -> dict:
@@ -106,7 +113,12 @@ def locked(path: Path) -> Iterator[None]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``. The file keeps the mode of
-    the one it replaces (a shared ``dataset_info.json`` stays group-readable); a new file gets the umask's."""
+    the one it replaces (a shared ``dataset_info.json`` stays group-readable); a new file gets the umask's.
+
+    Text UTF-8 cannot carry (lone surrogates, e.g. from a recipe's ``"\\ud83d"`` or a reject reason quoting row
+    data) is written with U+FFFD in their place (:func:`mmdata.samples.utf8_text`) instead of failing once the work
+    is done."""
+    text = utf8_text(text)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
