@@ -28,8 +28,11 @@ class SampleError(MmdataError):
     """
 
     def __init__(self, message: str, kind: str | None = None):
+        from .samples import utf8_text  # a message quoting row data may hold half a UTF-16 pair: print- and writable
+
+        message = utf8_text(message)
         super().__init__(message)
-        self.kind = kind or message.split(":")[0].split("(")[0].strip()[:80]
+        self.kind = utf8_text(kind or message.split(":")[0].split("(")[0].strip()[:80])
 
 
 class BuildError(MmdataError):

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import SampleError
 from .recipes import Fields, Recipe
-from .samples import IMAGE_PLACEHOLDER
+from .samples import IMAGE_PLACEHOLDER, encodable
 
 
 @dataclass
@@ -169,6 +169,18 @@ def record_path(text: str, image_root: Path, roots: Sequence[Path]) -> Path:
     return contained_path(literal, roots)
 
 
+def _video_path(value: Any, image_root: Path, allowed_roots: Sequence[Path] | None) -> str:
+    """A record's video: a path naming an existing file inside the allowed roots, written absolute (videos are not
+    copied into the build; LLaMA-Factory keeps an absolute media path as it is)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SampleError(f"video value is a {type(value).__name__} {_shown(repr(value))}; expected a file path",
+                          kind="video value has a wrong type")
+    path = record_path(value, image_root, allowed_roots or [image_root])
+    if not path.is_file():
+        raise SampleError(f"video file not found: {_shown(str(path))}", kind="video file not found")
+    return str(path)
+
+
 def contained_path(path: Path, roots: Sequence[Path], what: str = "image path") -> Path:
     """``path`` with ``..`` and symlinks resolved, if that lies inside one of ``roots``; otherwise a reject.
 
@@ -178,6 +190,9 @@ def contained_path(path: Path, roots: Sequence[Path], what: str = "image path") 
     be swapped in after the check. ``what`` names the file in the message ("image path", "caption file", ...); the
     reject kind is ``<what> outside allowed roots``.
     """
+    if not encodable(str(path)):  # half a UTF-16 pair: no file system can name it
+        raise SampleError(f"{what} {_shown(str(path))!r} is not valid Unicode (a lone surrogate)",
+                          kind=f"{what} is not valid Unicode")
     real = os.path.realpath(path)
     for root in roots:
         top = os.path.realpath(root)
@@ -232,7 +247,8 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
     if system and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
     videos = row.get("videos") if messages_column and "videos" in row else None
-    videos = [str(v) for v in (videos if isinstance(videos, list) else [videos] if videos else [])]
+    videos = [_video_path(v, image_root, allowed_roots) for v in (videos if isinstance(videos, list) else
+                                                                    [videos] if videos else [])]
     return Draft(messages=messages, images=images, videos=videos,
                  id=None if _is_missing(record_id) else str(record_id))
 

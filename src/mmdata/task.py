@@ -28,8 +28,8 @@ from .normalize import Draft, normalize_row
 from .recipes import Recipe
 from .samples import Sample
 from .sources import Source
-from .tokens import LF_CUTOFF_LEN, TokenBudget, token_counter
-from .writers.llamafactory import optional_keys, record_json, write_text_atomic
+from .tokens import IMAGE_MAX_PIXELS, LF_CUTOFF_LEN, TokenBudget, lf_image_problem, token_counter
+from .writers.llamafactory import json_line, optional_keys, record_json, write_text_atomic
 
 
 @dataclass
@@ -201,6 +201,9 @@ def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
             info = inspect_image(data, opts.verify)
     except SampleError as e:
         raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
+    problem = lf_image_problem(info.width, info.height, opts.max_pixels or IMAGE_MAX_PIXELS)
+    if problem:  # LLaMA-Factory would fail on this record at training time (a side shrunk to 0 pixels)
+        raise SampleError(f"{problem} [{ref.path or 'embedded bytes'}]", kind="image too thin for image_max_pixels")
     if isinstance(data, bytes):
         digest = hashlib.sha256(data).hexdigest()[:32]
     else:  # a file to link is named after its resolved path: the same file is one link, and its bytes stay unread
@@ -276,7 +279,7 @@ def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str,
     entry = {"position": position, "id": record_id, "reason": kind, "message": message}
     if source:
         entry["source"] = source
-    return json.dumps(entry, ensure_ascii=False, default=str)
+    return json_line(entry)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

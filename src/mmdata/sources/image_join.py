@@ -84,7 +84,11 @@ class ImageJoinSource(Source):
     def _rows_from_folder(self) -> Iterator[dict]:
         column, target = self.params.file_column, self.params.image_column
         for row in self.metadata.rows():
-            if (self.root / str(row.get(column))).is_file():
+            try:
+                found = (self.root / str(row.get(column))).is_file()
+            except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no such file
+                found = False
+            if found:
                 yield {**row, target: str(row.get(column))}
             else:
                 yield _missing(row, f"image {row.get(column)!r} not found in {self.root}")

@@ -165,7 +165,7 @@ def _turns(turns: object, key: str) -> tuple[list[dict], list[str]]:
             raise ShapeError(f"{key}[{i}] is a {type(turn).__name__}, expected an object")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
-        if role not in ROLE_ALIASES:
+        if not isinstance(role, str) or role not in ROLE_ALIASES:
             raise ShapeError(f"{key}[{i}] has role {role!r}; expected user/assistant/system (or human/gpt)")
         role = ROLE_ALIASES[role]
         if not isinstance(content, str):
