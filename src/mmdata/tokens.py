@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import MmdataError
+from .profiles import ModelProfile, get_profile, load_profile
 
 # LLaMA-Factory's DataArguments/ModelArguments defaults.
 IMAGE_MAX_PIXELS = 768 * 768
@@ -151,26 +152,41 @@ def estimate_text_tokens(text: str) -> int:
 
 @dataclass(frozen=True)
 class TokenCounter:
-    """How text becomes tokens (a tokenizer or the estimate) and the image settings; ``label`` says which."""
+    """How text becomes tokens (a tokenizer or the estimate), the model whose template and image rule count (a
+    :class:`~mmdata.profiles.ModelProfile`, Qwen2-VL by default) and LLaMA-Factory's image bounds; ``label`` says
+    which."""
 
     text: Callable[[str], int] = estimate_text_tokens
     exact: bool = False
     label: str = "estimated without a tokenizer (pass --tokenizer for exact counts)"
     image_max_pixels: int = IMAGE_MAX_PIXELS
     image_min_pixels: int = IMAGE_MIN_PIXELS
+    profile: ModelProfile = field(default_factory=get_profile)
+
+    @functools.cached_property
+    def model(self) -> ModelProfile:
+        """The profile with this counter's LLaMA-Factory image bounds (made once, used for every record)."""
+        return self.profile.with_lf_args(image_max_pixels=self.image_max_pixels, image_min_pixels=self.image_min_pixels)
 
     def image(self, width: int, height: int) -> int:
-        return image_tokens(width, height, self.image_max_pixels, self.image_min_pixels) + VISION_WRAPPER
+        """All tokens one image adds (placeholder pads and their wrappers)."""
+        return self.model.image_total_tokens(width, height, self.text)
 
 
 def token_counter(tokenizer: object = None, image_max_pixels: int | None = None,
-                  image_min_pixels: int | None = None) -> TokenCounter:
+                  image_min_pixels: int | None = None, model: str | os.PathLike | None = None) -> TokenCounter:
     """A :class:`TokenCounter`: ``tokenizer`` is a path or hub name for ``transformers.AutoTokenizer`` (local files
-    only: validation never downloads) or an object with ``encode``; ``None`` means the honest estimate."""
-    images = {"image_max_pixels": image_max_pixels or IMAGE_MAX_PIXELS,
-              "image_min_pixels": image_min_pixels or IMAGE_MIN_PIXELS}
+    only: validation never downloads) or an object with ``encode``; ``None`` means the honest estimate. ``model`` is
+    a profile name (``qwen3_vl``) or a local model folder, whose own settings win and whose tokenizer, if it has one,
+    counts the text exactly."""
+    profile = load_profile(model)
+    if tokenizer is None and model is not None and _has_tokenizer(model):
+        tokenizer = model
+    images = {"image_max_pixels": image_max_pixels or profile.lf.image_max_pixels,
+              "image_min_pixels": image_min_pixels or profile.lf.image_min_pixels, "profile": profile}
     if tokenizer is None:
-        return TokenCounter(**images)
+        return TokenCounter(label=f"estimated for {profile.name} without a tokenizer (pass --tokenizer for exact "
+                                  "counts)" if model is not None else TokenCounter.label, **images)
     if isinstance(tokenizer, (str, os.PathLike)):
         try:
             from transformers import AutoTokenizer
@@ -184,20 +200,25 @@ def token_counter(tokenizer: object = None, image_max_pixels: int | None = None,
     encode = tokenizer.encode
     name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
     return TokenCounter(lambda text: len(encode(text, add_special_tokens=False)), True,
-                        f"counted with the tokenizer {name}", **images)
+                        f"counted with the tokenizer {name} for {profile.name}", **images)
+
+
+def _has_tokenizer(model: str | os.PathLike) -> bool:
+    folder = os.path.expanduser(str(model))
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def record_tokens(turns: Sequence[tuple[str, object]], image_sizes: Iterable[tuple[int, int]],
                   counter: TokenCounter | None = None) -> int:
-    """Tokens of one record as LLaMA-Factory's ``qwen2_vl`` template lays it out: every turn's text plus
-    :data:`TURN_OVERHEAD`, the default system prompt when there is none, and every image's tokens (its ``<image>``
-    placeholder text is replaced, so not counted)."""
-    counter = counter or TokenCounter()
-    total = 0 if any(role == "system" for role, _ in turns) else DEFAULT_SYSTEM_TOKENS + TURN_OVERHEAD
-    for _role, content in turns:
-        text = content if isinstance(content, str) else ("" if content is None else str(content))
-        total += counter.text(text.replace("<image>", "").replace("<video>", "")) + TURN_OVERHEAD
-    return total + sum(counter.image(w, h) for w, h in image_sizes)
+    """Tokens of one record as LLaMA-Factory lays it out under the counter's model profile (its chat template, default
+    system prompt, image rule): with a tokenizer the rendered template is counted string by string, which matches
+    LLaMA-Factory token for token; the estimate counts the contents and adds each template slot's known length."""
+    counter = counter or _DEFAULT_COUNTER
+    return counter.model.record_tokens(turns, image_sizes, counter.text, exact=counter.exact)
+
+
+_DEFAULT_COUNTER = TokenCounter()
 
 
 # ------------------------------------------------------------------------------------------------------ budget

@@ -3,6 +3,7 @@ counting API the rest of mmdata uses (image tokens, rendered conversations, reco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -48,7 +49,7 @@ class ModelProfile:
         """The ``template:`` value for LLaMA-Factory."""
         return self.template.name
 
-    @property
+    @functools.cached_property
     def specials(self) -> tuple[str, ...]:
         video = self.video.specials() if self.video else ()
         return tuple(dict.fromkeys(self.template.specials + self.image.specials() + video))

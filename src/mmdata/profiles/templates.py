@@ -3,6 +3,7 @@ gemma3, intern_vl): the per-role slots, default system prompts and the thought h
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -108,14 +109,25 @@ class ChatTemplate:
 
 def count_with_specials(text_value: str, specials: Sequence[str], text: TextCounter) -> int:
     """Tokens of ``text_value`` where every special token counts once and the text between them goes to ``text``:
-    how Hugging Face tokenizers treat added special tokens (split out first, the rest encoded piece by piece)."""
+    how Hugging Face tokenizers treat added special tokens (split out first, the rest encoded piece by piece).
+
+    Memoised: the strings counted here are template slots and image wrappers, the same few for every record."""
+    return _count_with_specials(text_value, tuple(specials), text)
+
+
+@functools.lru_cache(maxsize=64)
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(set(specials), key=len, reverse=True)) + ")")
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _count_with_specials(text_value: str, specials: tuple[str, ...], text: TextCounter) -> int:
     if not text_value:
         return 0
     if not specials:
         return text(text_value)
-    pattern = "(" + "|".join(re.escape(s) for s in sorted(set(specials), key=len, reverse=True)) + ")"
     total = 0
-    for i, piece in enumerate(re.split(pattern, text_value)):
+    for i, piece in enumerate(_specials_pattern(specials).split(text_value)):
         if i % 2:
             total += 1
         elif piece:
