@@ -157,3 +157,44 @@ def test_argument_names_ship_in_the_wheel():
 
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "llamafactory_args.json" in package_data["mmdata"], "add it to [tool.setuptools.package-data] mmdata = [...]"
+
+
+@pytest.mark.parametrize("model, template", [
+    ("qwen3_vl", "qwen3_vl"), ("qwen3_vl_nothink", "qwen3_vl_nothink"), ("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl_nothink"),
+    ("Qwen/Qwen3-VL-8B-Thinking", "qwen3_vl"), ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_vl"), ("qwen2_5_vl", "qwen2_vl"),
+    ("google/gemma-3-4b-it", "gemma3"), ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl"),
+])
+def test_model_decides_template_and_cutoff(latex_build, tmp_path, model, template):
+    """``--model`` (profile name or hub id) sets the template of all three YAMLs and the cutoff from that model's
+    counts; every key still passes the pinned LLaMA-Factory's argument check."""
+    from mmdata.lfconfig import measure_tokens, read_build, round_up
+    from mmdata.profiles import resolve_model
+
+    write_llamafactory_configs(latex_build, out_dir=tmp_path, model=model)
+    train, predict, merge = (load(tmp_path / f) for f in ("train_lora.yaml", "predict.yaml", "merge.yaml"))
+    assert train["template"] == predict["template"] == merge["template"] == template
+    _, profile = resolve_model(model)
+    expected = measure_tokens(read_build(latex_build), train["image_max_pixels"], profile)
+    assert train["cutoff_len"] == round_up(expected.max_tokens)
+    assert train["image_min_pixels"] == profile.lf.image_min_pixels
+
+
+def test_build_with_a_model_counts_for_it_and_llamafactory_reuses_the_count(tmp_path):
+    from tests.conftest import LATEX_OCR_HUB
+
+    import mmdata
+    from mmdata.lfconfig import measure_tokens, read_build
+
+    if not LATEX_OCR_HUB.is_dir():
+        pytest.skip("shared LaTeX_OCR fixture not present")
+    budgets = {}
+    for model in ("qwen2_vl", "qwen3_vl", "gemma3"):
+        result = mmdata.build("latex_ocr", output__dir=str(tmp_path / model), source__path=str(LATEX_OCR_HUB),
+                              source__subset="small", source__hub="hf", model=model, num_proc=1)
+        assert result.tokens["model"] == model
+        budgets[model] = result.tokens["max"]
+        build = read_build(result.output_dir)
+        from mmdata.profiles import get_profile
+        assert measure_tokens(build, 768 * 768, get_profile(model)).source == "manifest"
+        assert measure_tokens(build, 768 * 768, get_profile("internvl")).source == "measured"
+    assert len(set(budgets.values())) == 3  # three models, three different budgets for the same records

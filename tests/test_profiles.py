@@ -602,3 +602,53 @@ def test_lf_gemma3_and_internvl_plugins_write_the_counted_tokens(lf, folders):
             out = plugin.process_messages([{"role": "user", "content": "<image>"}], [Image.new("RGB", (w, h))], [],
                                           [], proc)
             assert out[0]["content"] == variant.substitute_media(["<image>"], [(w, h)], expand=True)[0]
+
+
+@pytest.mark.parametrize("model", ["Qwen2-VL-2B-Instruct", "Qwen2.5-VL-3B-Instruct", "Qwen3-VL-2B-Instruct"])
+def test_validate_per_record_totals_equal_llamafactory_on_a_build(lf, folders, tiny_tokenizers, tmp_path, model):
+    """End to end: ``mmdata validate BUILD --model DIR --tokenizer TOK --record-tokens F`` on an mmdata build gives,
+    for every record, the number of ids LLaMA-Factory's own pipeline makes of it (its plugin expands the images with
+    the real processor, its template encodes the conversation)."""
+    from transformers import AutoImageProcessor, AutoVideoProcessor
+
+    import mmdata
+    from mmdata.check import validate
+
+    rng = random.Random(7)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(24):
+        sizes = [(rng.randint(20, 1800), rng.randint(20, 1800)) for _ in range(rng.choice([0, 1, 1, 2]))]
+        for k, size in enumerate(sizes):
+            Image.new("RGB", size, (i * 9 % 255, k * 60, 90)).save(tmp_path / "imgs" / f"{i}_{k}.png")
+        messages = ([{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []) + [
+            {"role": "user", "content": "<image>" * len(sizes) + rng.choice(["What is shown?", "描述这张图", "x^2?"])},
+            {"role": "assistant", "content": rng.choice(["A cat.", "两只猫", "\\frac{a}{b}", "<think>\nhm\n</think>\n\nok"])}]
+        rows.append({"messages": messages, "images": [f"imgs/{i}_{k}.png" for k in range(len(sizes))]})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    (tmp_path / "r.yaml").write_text(json.dumps({"name": "e2e", "source": {"type": "jsonl", "path": "d.jsonl"},
+                                                  "output": {"dir": str(tmp_path / "out")}}))
+    result = mmdata.build(str(tmp_path / "r.yaml"), num_proc=1)
+    assert result.written == 24
+    tok = tiny_tokenizers["qwen"]
+    validate(result.output_dir, model=folders[model], tokenizer=tok, record_tokens=tmp_path / "t.jsonl")
+    mine = [json.loads(line)["tokens"] for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+
+    profile = load_profile(folders[model])
+    plugin = lf.mm_plugin.get_mm_plugin("qwen3_vl" if profile.family == "Qwen3-VL" else "qwen2_vl",
+                                        image_token="<|image_pad|>", video_token="<|video_pad|>")
+    template = lf.template.TEMPLATES[profile.lf_template]
+    processor = types.SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(folders[model]),
+                                      video_processor=AutoVideoProcessor.from_pretrained(folders[model]),
+                                      image_max_pixels=768 * 768, image_min_pixels=32 * 32, model_input_names=[])
+    theirs = []
+    for part in sorted(result.datasets["e2e"].glob("*.jsonl")):
+        for line in part.read_text().splitlines():
+            record = json.loads(line)
+            messages = [dict(m) for m in record["messages"]]
+            system = messages.pop(0)["content"] if messages[0]["role"] == "system" else None
+            images = [Image.open(result.output_dir / p) for p in record["images"]]
+            expanded = plugin.process_messages(messages, images, [], [], processor)
+            pairs = template.encode_multiturn(tok, expanded, system, None)
+            theirs.append(sum(len(source) + len(target) for source, target in pairs))
+    assert mine == theirs

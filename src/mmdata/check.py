@@ -16,6 +16,7 @@ decoded, unless ``decode_images`` asks for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -23,11 +24,12 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from . import lfdata
 from .errors import DatasetInfoError, SampleError
 from .images import image_info
+from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, conversation_problems, encodable, utf8_text
 from .tokens import IMAGE_MAX_PIXELS, TokenBudget, lf_image_problem, token_counter
 
@@ -280,6 +282,7 @@ class _EntryChecker:
         self.name, self.attr, self.media_dir, self.report = name, attr, media_dir, report
         self.budget, self.check_images, self.decode_images = budget, check_images, decode_images
         self.image_max_pixels = image_max_pixels
+        self.token_sink: IO[str] | None = None  # --record-tokens: one line per record
         self.types: dict[str, tuple[str, int]] = {}
         self.keys: set[str] = set()
         self.sizes: dict[str, tuple[int, int] | str] = {}
@@ -315,6 +318,8 @@ class _EntryChecker:
         sizes = self._check_media(index, images, videos, file)
         if self.budget is not None and sizes is not None:
             tokens = self.budget.add(turns, sizes, record=index)
+            if self.token_sink is not None:
+                self.token_sink.write(json.dumps({"dataset": self.name, "index": index, "tokens": tokens}) + "\n")
             cutoff = self.budget.cutoff_len
             if cutoff is not None and tokens > cutoff:
                 self.problem(index, "warning", f"{tokens} tokens ({self.budget.counter.label.split(' (')[0]}) "
@@ -570,16 +575,24 @@ def _media_fix(info: str, media_dir: Path) -> str:
 def validate(dataset_info: str | os.PathLike, datasets: list[str] | None = None, *, media_dir: str | None = None,
              max_records: int | None = None, cutoff_len: int | None = None, tokenizer: object = None,
              image_max_pixels: int | None = None, image_min_pixels: int | None = None, check_images: bool = True,
-             decode_images: bool = False, max_per_kind: int = 20) -> ValidationReport:
+             decode_images: bool = False, max_per_kind: int = 20, model: str | os.PathLike | None = None,
+             record_tokens: str | os.PathLike | None = None) -> ValidationReport:
     """Lint ``dataset_info`` (the file or its folder, LLaMA-Factory's ``dataset_dir``) and the data of its entries.
 
     ``datasets`` (LLaMA-Factory's ``dataset:`` names) restricts the record checks to those entries; every entry's
     schema is still linted, and errors of unselected entries are reported as warnings (LLaMA-Factory never reads
     them). Hub, script and cloud entries are linted but not loaded (no network). ``max_records`` checks only the
-    first N records of each entry. Token lengths are measured when ``cutoff_len`` or ``tokenizer`` is given.
+    first N records of each entry. Token lengths are measured when ``cutoff_len``, ``tokenizer``, ``model`` or
+    ``record_tokens`` is given: ``model`` (a profile name such as ``qwen3_vl``, or a local model folder, whose
+    tokenizer then counts exactly) picks the chat template and image rule; ``record_tokens`` writes every record's
+    total as a JSON line ``{dataset, index, tokens}``. A build folder whose ``dataset_info.json`` lives elsewhere
+    (``output.dataset_info``) is found through its manifest, and only that build's datasets are checked.
     """
     info_path = Path(dataset_info)
-    if info_path.is_dir():
+    if info_path.is_dir() and (info_path / MANIFEST).is_file() and datasets is None:
+        manifest = read_manifest(info_path, DatasetInfoError)
+        info_path, datasets = manifest_dataset_info(info_path, manifest), list(manifest["datasets"]) or None
+    elif info_path.is_dir():
         info_path = info_path / lfdata.DATA_CONFIG
     info = lfdata.read_dataset_info(info_path)
     dataset_dir = info_path.parent
@@ -587,8 +600,18 @@ def validate(dataset_info: str | os.PathLike, datasets: list[str] | None = None,
     report = ValidationReport(str(info_path), max_per_kind=max_per_kind)
     selected = _selected_names(info, datasets, report)
     counter = None
-    if cutoff_len is not None or tokenizer is not None:
-        counter = token_counter(tokenizer, image_max_pixels, image_min_pixels)
+    if cutoff_len is not None or tokenizer is not None or model is not None or record_tokens is not None:
+        counter = token_counter(tokenizer, image_max_pixels, image_min_pixels, model)
+        image_max_pixels = counter.image_max_pixels
+    with open(record_tokens, "w", encoding="utf-8") if record_tokens else contextlib.nullcontext() as sink:
+        _validate_entries(info, selected, dataset_dir, media, report, counter, cutoff_len, check_images,
+                          decode_images, image_max_pixels, max_records, sink)
+    return report
+
+
+def _validate_entries(info: dict, selected: set[str], dataset_dir: Path, media: Path, report: ValidationReport,
+                      counter, cutoff_len: int | None, check_images: bool, decode_images: bool,
+                      image_max_pixels: int | None, max_records: int | None, sink: IO[str] | None) -> None:
     for name, entry in info.items():
         chosen = name in selected
         schema = lint_entry(name, entry)
@@ -610,13 +633,13 @@ def validate(dataset_info: str | os.PathLike, datasets: list[str] | None = None,
         budget = TokenBudget(cutoff_len, counter) if counter is not None else None
         checker = _EntryChecker(name, attr, media, report, budget, check_images, decode_images,
                                 image_max_pixels or IMAGE_MAX_PIXELS)
+        checker.token_sink = sink
         summary.budget = budget
         summary.records = _check_records(checker, files, dataset_dir, max_records)
         checker.finish(summary.records)
         if budget is not None and budget.count and cutoff_len is not None:
             report.add(Problem(name, None, "info", budget.format(), "" if not budget.over else
                                f"cutoff_len {budget.suggested_cutoff()} keeps 99% of the records whole", "tokens"))
-    return report
 
 
 def _selected_names(info: dict, datasets: list[str] | None, report: ValidationReport) -> set[str]:
@@ -764,6 +787,9 @@ def add_validate_command(subparsers) -> None:
     p.add_argument("--max-records", type=int, metavar="N", help="check only the first N records of each entry")
     p.add_argument("--cutoff-len", type=int, metavar="N", help="report records longer than N tokens (cutoff_len)")
     p.add_argument("--tokenizer", metavar="PATH", help="a local tokenizer folder for exact text token counts")
+    p.add_argument("--model", metavar="NAME|DIR", help="count tokens for this model: a profile (qwen2_vl, qwen2_5_vl, "
+                   "qwen3_vl, qwen3_vl_nothink, gemma3, internvl) or a local model folder (its tokenizer counts exactly)")
+    p.add_argument("--record-tokens", metavar="FILE", help="write every record's token total as JSON lines")
     p.add_argument("--image-max-pixels", type=int, metavar="P", help="LLaMA-Factory's image_max_pixels (768*768)")
     p.add_argument("--image-min-pixels", type=int, metavar="P", help="LLaMA-Factory's image_min_pixels (32*32)")
     p.add_argument("--no-images", action="store_true", help="do not open image files")
@@ -777,7 +803,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     report = validate(args.dataset_info, args.dataset, media_dir=args.media_dir, max_records=args.max_records,
                       cutoff_len=args.cutoff_len, tokenizer=args.tokenizer, image_max_pixels=args.image_max_pixels,
                       image_min_pixels=args.image_min_pixels, check_images=not args.no_images,
-                      decode_images=args.decode_images, max_per_kind=args.max_problems)
+                      decode_images=args.decode_images, max_per_kind=args.max_problems, model=args.model,
+                      record_tokens=args.record_tokens)
     # utf8_text: a problem may quote record data, and stdout cannot print a lone surrogate
     print(utf8_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format_text()))
     return 0 if report.ok else 1

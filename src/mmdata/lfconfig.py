@@ -18,7 +18,7 @@ import argparse
 import difflib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -29,10 +29,10 @@ import yaml
 from .errors import MmdataError
 from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
+from .profiles import DEFAULT_PROFILE, ModelProfile, get_profile, resolve_model
 from .tokens import IMAGE_MAX_PIXELS, estimate_text_tokens, record_tokens
 
 ARGS_FILE = "llamafactory_args.json"
-TEMPLATE = "qwen2_vl"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 
 LF_IMAGE_MAX_PIXELS = IMAGE_MAX_PIXELS  # LLaMA-Factory's default image_max_pixels
@@ -122,18 +122,21 @@ class BuildTokens:
     source: str  # "manifest" or "measured"
 
 
-def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS) -> BuildTokens:
-    """The token lengths of every dataset of a build: from the manifest's ``tokens`` (counted while building), else
-    by reading the data (builds from older versions)."""
+def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
+                   profile: ModelProfile | None = None) -> BuildTokens:
+    """The token lengths of every dataset of a build for ``profile``'s template and image rule: from the manifest's
+    ``tokens`` when the build counted for the same model and image budget, else by reading the data."""
+    profile = profile or get_profile()
     stats = build.manifest.get("tokens")
-    if isinstance(stats, dict) and stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels:
+    if isinstance(stats, dict) and stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels \
+            and stats.get("model", DEFAULT_PROFILE) == profile.name:
         return BuildTokens(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
                            int(stats.get("records", 0)), "manifest")
     from PIL import Image
 
-    from .tokens import token_counter
+    from .tokens import TokenCounter
 
-    counter = token_counter(None, image_max_pixels)
+    counter = TokenCounter(image_max_pixels=image_max_pixels, profile=profile)
     longest = longest_answer = records = 0
     sizes: dict[str, tuple[int, int]] = {}
     for names in build.splits.values():
@@ -163,6 +166,7 @@ class ConfigOptions:
     """The knobs of ``mmdata llamafactory``; everything else comes from the build."""
 
     model: str = DEFAULT_MODEL
+    profile: ModelProfile = field(default_factory=get_profile)  # the model's template and image rule
     output_dir: str | None = None  # default: BUILD_DIR/saves/lora_sft
     deepspeed: int | None = None
     cutoff_len: int | None = None  # default: measured
@@ -198,11 +202,12 @@ def train_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, ima
     if deepspeed_path:
         train["deepspeed"] = str(deepspeed_path)
     sections = [
-        ("model", {"model_name_or_path": opts.model, "image_max_pixels": image_max_pixels, "trust_remote_code": True}),
+        ("model", {"model_name_or_path": opts.model, "image_max_pixels": image_max_pixels,
+                   "image_min_pixels": opts.profile.lf.image_min_pixels, "trust_remote_code": True}),
         ("method", {"stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": opts.lora_rank,
                     "lora_target": "all"}),
         ("dataset", {"dataset_dir": str(build.dataset_dir), "dataset": ",".join(build.names("train")),
-                     "template": TEMPLATE, "cutoff_len": cutoff_len, "overwrite_cache": True,
+                     "template": opts.profile.lf_template, "cutoff_len": cutoff_len, "overwrite_cache": True,
                      "preprocessing_num_workers": opts.num_workers,
                      "dataloader_num_workers": min(4, opts.num_workers)}),
         ("output", {"output_dir": opts.output_dir, "logging_steps": min(10, opts.max_steps or 10),
@@ -236,9 +241,10 @@ def predict_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, i
     held_out = build.names("test") or build.names("val") or build.names("train")
     return [
         ("model", {"model_name_or_path": opts.model, "adapter_name_or_path": opts.output_dir,
-                   "image_max_pixels": image_max_pixels, "trust_remote_code": True}),
+                   "image_max_pixels": image_max_pixels, "image_min_pixels": opts.profile.lf.image_min_pixels,
+                   "trust_remote_code": True}),
         ("method", {"stage": "sft", "do_predict": True, "finetuning_type": "lora"}),
-        ("dataset", {"dataset_dir": str(build.dataset_dir), "eval_dataset": ",".join(held_out), "template": TEMPLATE,
+        ("dataset", {"dataset_dir": str(build.dataset_dir), "eval_dataset": ",".join(held_out), "template": opts.profile.lf_template,
                      "cutoff_len": cutoff_len, "overwrite_cache": True,
                      "preprocessing_num_workers": opts.num_workers}),
         ("output", {"output_dir": str(Path(opts.output_dir).parent / "lora_predict"), "overwrite_output_dir": True,
@@ -251,7 +257,7 @@ def predict_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, i
 def merge_config(opts: ConfigOptions) -> list[tuple[str, dict[str, Any]]]:
     """``llamafactory-cli export``: merge the LoRA adapter into the base model (never into a quantized one)."""
     return [
-        ("model", {"model_name_or_path": opts.model, "adapter_name_or_path": opts.output_dir, "template": TEMPLATE,
+        ("model", {"model_name_or_path": opts.model, "adapter_name_or_path": opts.output_dir, "template": opts.profile.lf_template,
                    "trust_remote_code": True}),
         ("export", {"export_dir": str(Path(opts.output_dir).parent / "lora_merged"), "export_size": 5,
                     "export_device": "cpu", "export_legacy_format": False}),
@@ -319,7 +325,8 @@ def write_llamafactory_configs(
     build = read_build(build_dir)
     root = Path(build_dir).resolve()
     out = Path(out_dir).resolve() if out_dir else root
-    opts = ConfigOptions(model=model, deepspeed=deepspeed, **options)
+    model_path, profile = resolve_model(model, options.pop("profile", None))
+    opts = ConfigOptions(model=model_path, profile=profile, deepspeed=deepspeed, **options)
     opts.output_dir = str(Path(opts.output_dir).resolve()) if opts.output_dir else str(root / "saves" / "lora_sft")
     if opts.precision not in ("bf16", "fp16", "fp32"):
         raise LlamaFactoryConfigError(f"--precision {opts.precision}: choose bf16, fp16 or fp32")
@@ -327,7 +334,7 @@ def write_llamafactory_configs(
 
     budget = None
     if opts.cutoff_len is None or opts.max_new_tokens is None:
-        budget = measure_tokens(build, image_max_pixels)
+        budget = measure_tokens(build, image_max_pixels, profile)
     cutoff_len = opts.cutoff_len or round_up(budget.max_tokens)
     max_new_tokens = opts.max_new_tokens or round_up(2 * budget.max_answer_tokens, 64)
 
@@ -336,7 +343,7 @@ def write_llamafactory_configs(
     ds_path = out / f"ds_z{deepspeed}_config.json" if deepspeed is not None else None
     files = {
         "train_lora.yaml": ("train", train_config(build, opts, cutoff_len, image_max_pixels, ds_path),
-                            "LoRA SFT of Qwen2-VL on this build.\n"
+                            f"LoRA SFT of {profile.family} on this build (template {profile.lf_template}).\n"
                             + ("Multi-GPU with DeepSpeed: FORCE_TORCHRUN=1 llamafactory-cli train train_lora.yaml"
                                if ds_path else "Run: llamafactory-cli train train_lora.yaml")),
         "predict.yaml": ("train", predict_config(build, opts, cutoff_len, image_max_pixels, max_new_tokens),
@@ -379,7 +386,7 @@ def _parse_extra(values: list[str] | None) -> dict[str, Any]:
 
 def cmd_llamafactory(args: argparse.Namespace) -> int:
     written = write_llamafactory_configs(
-        args.build_dir, model=args.model, deepspeed=args.deepspeed, out_dir=args.out_dir, output_dir=args.output_dir,
+        args.build_dir, model=args.model, profile=args.profile, deepspeed=args.deepspeed, out_dir=args.out_dir, output_dir=args.output_dir,
         cutoff_len=args.cutoff_len, val_size=args.val_size, max_steps=args.max_steps, precision=args.precision,
         num_workers=args.num_workers, lora_rank=args.lora_rank, learning_rate=args.learning_rate,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, extra=_parse_extra(args.set),
@@ -398,7 +405,13 @@ def add_llamafactory_command(subparsers) -> None:
                     "with dataset names, image_max_pixels and cutoff_len taken from it.",
     )
     p.add_argument("build_dir", help="output folder of `mmdata build` (holds mmdata_build.json)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model path or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="base model: a local folder, a hub id (Qwen/Qwen3-VL-4B-Instruct) or a profile name (qwen3_vl, "
+                        f"qwen2_5_vl, ...: its reference checkpoint); sets template and token counts (default: "
+                        f"{DEFAULT_MODEL})")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="the model profile when --model does not say it (a path of an unknown family): qwen2_vl, "
+                        "qwen2_5_vl, qwen3_vl, qwen3_vl_nothink, gemma3, internvl")
     p.add_argument("--deepspeed", type=int, choices=DS_STAGES, default=None,
                    help="write ds_z{N}_config.json and use it (multi-GPU; launch with FORCE_TORCHRUN=1)")
     p.add_argument("--out-dir", default=None, help="where the YAMLs go (default: BUILD_DIR)")

@@ -181,6 +181,10 @@ class Recipe(_Strict):
     for_prediction: bool = Field(False, description="allow empty answers (sets built only for prediction)")
     num_proc: int | None = Field(None, gt=0, description="worker processes (default: all cores)")
     report: bool = Field(False, description="write report/index.html (stats, plots, gallery) after the build")
+    model: str | None = Field(
+        None, description="the model the data is for: a profile name (qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                          "qwen3_vl_nothink, gemma3, internvl) or a local model folder; the token budget in the summary "
+                          "and manifest counts with its template and image rule (default qwen2_vl)")
 
     # Where the recipe came from; relative source paths resolve against it. Not part of the YAML or its schema.
     _base_dir: str | None = PrivateAttr(None)

@@ -7,7 +7,6 @@ so any engine and any number of workers give the same bytes, and a killed task i
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -25,10 +24,11 @@ from .errors import BuildError, SampleError
 from .images import convert_image, inspect_image
 from .layout import Layout
 from .normalize import Draft, normalize_row
+from .profiles import load_profile
 from .recipes import Recipe
 from .samples import Sample
 from .sources import Source
-from .tokens import IMAGE_MAX_PIXELS, LF_CUTOFF_LEN, TokenBudget, lf_image_problem, token_counter
+from .tokens import IMAGE_MAX_PIXELS, LF_CUTOFF_LEN, TokenBudget, TokenCounter, lf_image_problem
 from .writers.llamafactory import json_line, optional_keys, record_json, write_text_atomic
 
 
@@ -59,8 +59,10 @@ def token_budget(recipe: Recipe, data: dict | None = None) -> TokenBudget:
     """Token lengths of written records (estimated, at the image budget LLaMA-Factory will use) vs its default
     cutoff_len: the build summary's ``tokens`` line and the manifest's ``tokens``, which ``mmdata llamafactory``
     turns into ``cutoff_len``."""
-    counter = dataclasses.replace(token_counter(None, recipe.images.max_pixels),
-                                  label="estimated (mmdata validate --tokenizer DIR counts exactly)")
+    profile = load_profile(recipe.model)
+    counter = TokenCounter(label=f"estimated for {profile.name} (mmdata validate --model DIR counts exactly)",
+                           image_max_pixels=recipe.images.max_pixels or profile.lf.image_max_pixels,
+                           image_min_pixels=profile.lf.image_min_pixels, profile=profile)
     options = {"cutoff_len": LF_CUTOFF_LEN, "counter": counter}
     return TokenBudget.from_json(data, **options) if data else TokenBudget(**options)
 

@@ -302,7 +302,7 @@ class TokenBudget:
                 "p50": self.percentile(0.5), "p99": self.percentile(0.99), "cutoff_len": self.cutoff_len,
                 "over_cutoff": self.over, "suggested_cutoff_len": self.suggested_cutoff() if self.count else None,
                 "exact": self.counter.exact, "counted": self.counter.label,
-                "image_max_pixels": self.counter.image_max_pixels}
+                "image_max_pixels": self.counter.image_max_pixels, "model": self.counter.profile.name}
 
     def format(self) -> str:
         """One line for the build summary or the validate report."""

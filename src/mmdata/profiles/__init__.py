@@ -53,7 +53,7 @@ from .vision import FixedImages, QwenImages, QwenVideo, TiledImages
 __all__ = [
     "ALIASES", "DEFAULT_PROFILE", "IMAGE_PLACEHOLDER", "PROFILES", "VIDEO_PLACEHOLDER", "ChatTemplate", "FixedImages",
     "ImageCost", "LfArgs", "ModelProfile", "ProfileError", "QwenImages", "QwenVideo", "TextCounter", "TiledImages",
-    "count_with_specials", "get_profile", "load_profile", "profile_from_folder", "profile_names", "read_model_folder",
+    "count_with_specials", "get_profile", "load_profile", "profile_from_folder", "profile_names", "read_model_folder", "resolve_model",
 ]
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -146,6 +146,37 @@ def load_profile(name_or_dir: str | os.PathLike | None = None) -> ModelProfile:
         raise ProfileError(f"{name}: not a local folder (mmdata never downloads); pass a downloaded model folder or "
                            f"a profile name: {', '.join(profile_names())}")
     return get_profile(name)
+
+
+# Hub ids name their family; the first pattern that matches the lower-cased id wins.
+_FAMILY_BY_HUB_ID = [("qwen3-vl", None), ("qwen2.5-vl", "qwen2_5_vl"), ("qwen2_5-vl", "qwen2_5_vl"),
+                     ("qwen2-vl", "qwen2_vl"), ("gemma-3", "gemma3"), ("internvl", "internvl")]
+
+
+def resolve_model(model: str | os.PathLike, profile: str | None = None) -> tuple[str, ModelProfile]:
+    """``(model_name_or_path, profile)`` for a model given as a profile name (its first example checkpoint), a local
+    model folder, or a hub id whose name says its family (``Qwen/Qwen3-VL-4B-Instruct`` -> ``qwen3_vl_nothink``;
+    ``...-Thinking`` -> ``qwen3_vl``). ``profile`` names the profile outright. A path or id of no known family keeps
+    the default profile, with a warning that says so (mmdata counted Qwen2-VL only before profiles existed)."""
+    text = str(model)
+    if profile is not None:
+        return text, get_profile(profile)
+    if text.lower() in PROFILES or text.lower() in ALIASES:
+        profile = get_profile(text)
+        return profile.example_models[0], profile
+    if Path(text).expanduser().is_dir():
+        return text, load_profile(text)
+    lowered = text.lower()
+    for pattern, name in _FAMILY_BY_HUB_ID:
+        if pattern in lowered:
+            if name is None:
+                name = "qwen3_vl" if "thinking" in lowered else "qwen3_vl_nothink"
+            return text, get_profile(name)
+    import warnings
+
+    warnings.warn(f"{text}: mmdata cannot tell which model family this is and counts it as {DEFAULT_PROFILE}; name "
+                  f"the profile ({', '.join(profile_names())}) if it is another", stacklevel=2)
+    return text, get_profile(None)
 
 
 # ------------------------------------------------------------------------------------------------- folders
