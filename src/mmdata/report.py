@@ -12,10 +12,9 @@ Where numbers come from, so a 50k- or 5M-record build reports in seconds:
   drawn while the records are streamed once through :mod:`mmdata.lfdata` (memory holds the sample, never the
   dataset). Image width/height are read from file headers only; the only full decodes are the gallery thumbnails.
 
-Token counts: a real tokenizer when one is given (``tokenizer=``), otherwise :mod:`mmdata.tokens`' estimator,
-labelled as such. Image tokens follow Qwen2-VL exactly:
-LLaMA-Factory first scales an image down to ``image_max_pixels`` (default 768*768) and the processor then snaps it
-to 28-pixel multiples (``smart_resize``), one token per 28x28 block.
+Token counts: the one token model of :mod:`mmdata.tokens` (a real tokenizer when one is given, ``tokenizer=``,
+otherwise its estimator, labelled as such), for the build's model profile (``model=``, default the recipe's
+``model``, else Qwen2-VL): its LLaMA-Factory template and image rule, after LLaMA-Factory's ``image_max_pixels``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import random
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,13 +52,6 @@ REJECT_SCAN_LINES = 200_000  # rejects.jsonl lines read at most while looking fo
 THUMB_SIDE = 320
 TEXT_LIMIT = 1500  # characters of one message shown in the gallery
 PLACEHOLDER = re.compile(r"<image>|<video>|<audio>")
-# Qwen2-VL chat template: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" when a record has no system
-# prompt, "<|im_start|>{role}\n ... <|im_end|>\n" around every message, <|vision_start|>/<|vision_end|> per image.
-TEMPLATE_DEFAULT_SYSTEM_TOKENS = qwen_tokens.DEFAULT_SYSTEM_TOKENS + qwen_tokens.TURN_OVERHEAD
-TEMPLATE_TOKENS_PER_MESSAGE = qwen_tokens.TURN_OVERHEAD
-TEMPLATE_TOKENS_PER_IMAGE = qwen_tokens.VISION_WRAPPER
-
-
 class ReportError(MmdataError):
     """The folder is not a finished build (no manifest, datasets missing from ``dataset_info.json``)."""
 
@@ -73,23 +65,6 @@ def smart_resize_tokens(width: int, height: int, max_pixels: int = LF_IMAGE_MAX_
                         min_pixels: int = LF_IMAGE_MIN_PIXELS) -> int:
     """Qwen2-VL vision tokens of one ``width`` x ``height`` image as LLaMA-Factory feeds it to the model."""
     return qwen_tokens.image_tokens(width, height, max_pixels=max_pixels, min_pixels=min_pixels)
-
-
-@dataclass(frozen=True)
-class TokenCounter:
-    """How text and images become token counts, and the label the report prints next to them."""
-
-    text: Callable[[str], int]
-    image: Callable[[int, int, int], int]
-    label: str
-    exact_text: bool
-
-
-def token_counter(tokenizer: Any = None) -> TokenCounter:
-    """Text through ``tokenizer`` (a name/path for ``transformers.AutoTokenizer`` or an object with ``encode``) or
-    :func:`mmdata.tokens.estimate_text_tokens`; images through :func:`smart_resize_tokens`."""
-    counter = qwen_tokens.token_counter(tokenizer)
-    return TokenCounter(counter.text, smart_resize_tokens, counter.label, counter.exact)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -237,31 +212,30 @@ def _text(content: Any) -> str:
     return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
-def measure(records: list[Record], media_dir: Path, counter: TokenCounter, max_pixels: int) -> Measures:
+def measure(records: list[Record], media_dir: Path, counter: qwen_tokens.TokenCounter) -> Measures:
+    """Per-record and per-image numbers; totals are :func:`mmdata.tokens.record_tokens` (the one token model: the
+    counter's model profile, its template and image rule, at the counter's image_max_pixels)."""
     m = Measures()
     for rec in records:
         prompt = "".join(PLACEHOLDER.sub("", _text(c)) for role, c in rec.turns if role != "assistant")
         answer = "".join(PLACEHOLDER.sub("", _text(c)) for role, c in rec.turns if role == "assistant")
         prompt_tokens, answer_tokens = counter.text(prompt), counter.text(answer)
         facts = [read_image_facts(media_dir, p) for p in rec.images]
-        image_tokens = 0
         largest = 0
         for f in facts:
             if f.error:
                 m.image_errors[f.error] += 1
                 continue
-            tokens = counter.image(f.width, f.height, max_pixels)
-            image_tokens += tokens
+            tokens = counter.model.image_tokens(f.width, f.height)
             largest = max(largest, f.width * f.height)
             m.add(m.images, width=f.width, height=f.height, file_kb=f.file_bytes / 1024, image_tokens=tokens)
         messages = sum(1 for role, _ in rec.turns if role != "system")
-        has_system = any(role == "system" for role, _ in rec.turns)
-        overhead = (0 if has_system else TEMPLATE_DEFAULT_SYSTEM_TOKENS) + TEMPLATE_TOKENS_PER_MESSAGE * len(rec.turns) \
-            + TEMPLATE_TOKENS_PER_IMAGE * len(rec.images)
+        sizes = [(f.width, f.height) for f in facts if not f.error]
+        total = qwen_tokens.record_tokens([(role, _text(c)) for role, c in rec.turns], sizes, counter)
         m.add(m.records, prompt_chars=len(prompt), answer_chars=len(answer), prompt_tokens=prompt_tokens,
               answer_tokens=answer_tokens, turns=sum(1 for role, _ in rec.turns if role == "assistant"),
               messages=messages, images_per_record=len(rec.images),
-              total_tokens=prompt_tokens + answer_tokens + image_tokens + overhead)
+              total_tokens=total)
         m.record_max_pixels.append(largest)
     return m
 
@@ -281,7 +255,7 @@ def describe(values: list[float]) -> dict[str, float]:
 
 
 def recommendations(m: Measures, written: int, sample_size: int, max_pixels: int, choices: list[int],
-                    counter: TokenCounter) -> dict:
+                    counter: qwen_tokens.TokenCounter) -> dict:
     totals = m.records.get("total_tokens", [])
     rec: dict[str, Any] = {}
     if totals:
@@ -291,7 +265,7 @@ def recommendations(m: Measures, written: int, sample_size: int, max_pixels: int
             "value": int(math.ceil(p99 / 64) * 64), "p99_tokens": p99, "max_tokens": max(totals),
             "image_max_pixels": max_pixels, "covers": 0.99,
             "records_over_default_2048": _scale(over_default, sample_size, written),
-            "note": "text tokens " + ("counted" if counter.exact_text else "estimated") + " + Qwen2-VL image tokens at "
+            "note": "text tokens " + ("counted" if counter.exact else "estimated") + f" + {counter.profile.family} image tokens at "
                     f"image_max_pixels={max_pixels} + chat-template tokens; rounded up to a multiple of 64",
         }
     rows = []
@@ -299,7 +273,7 @@ def recommendations(m: Measures, written: int, sample_size: int, max_pixels: int
     for choice in choices:
         above = sum(1 for w, h in zip(widths, heights, strict=True) if w * h > choice)
         records_above = sum(1 for px in m.record_max_pixels if px > choice)
-        tokens = [counter.image(w, h, choice) for w, h in zip(widths, heights, strict=True)]
+        tokens = [counter.model.image_tokens(w, h, choice) for w, h in zip(widths, heights, strict=True)]
         rows.append({"image_max_pixels": choice, "side": f"{math.isqrt(choice)}^2" if math.isqrt(choice) ** 2 == choice
                      else str(choice), "images_downscaled_in_sample": above, "images_in_sample": len(widths),
                      "records_downscaled": _scale(records_above, sample_size, written),
@@ -604,21 +578,23 @@ def _clip(text: str, limit: int) -> str:
 
 
 def write_report(build_dir: str | os.PathLike, samples: int = 24, seed: int = 0, tokenizer: Any = None, *,
-                 max_records: int = SAMPLE_RECORDS, image_max_pixels: int | None = None) -> Path:
+                 max_records: int = SAMPLE_RECORDS, image_max_pixels: int | None = None,
+                 model: str | os.PathLike | None = None) -> Path:
     """Write ``<build_dir>/report/{index.html, stats.json, plots/}`` and return the path of ``index.html``.
 
     ``samples``: gallery size; ``seed``: drives the statistics sample and the gallery; ``tokenizer``: a
     ``transformers`` name/path or tokenizer object for exact text tokens; ``max_records``: statistics sample size;
     ``image_max_pixels``: budget for image-token numbers (default: the recipe's ``images.max_pixels``, else
-    LLaMA-Factory's 768*768).
+    LLaMA-Factory's 768*768); ``model``: a profile name or local model folder whose template and image rule count
+    (default: the recipe's ``model``, else Qwen2-VL).
     """
     build = Build.open(build_dir)
     counts = build.counts
     recipe = build.manifest.get("recipe") or {}
     max_pixels = image_max_pixels or build.manifest.get("image_max_pixels") or LF_IMAGE_MAX_PIXELS
-    counter = token_counter(tokenizer)
+    counter = qwen_tokens.token_counter(tokenizer, max_pixels, model=model or recipe.get("model"))
     records = build.sample(max_records, seed)
-    m = measure(records, build.media_dir, counter, max_pixels)
+    m = measure(records, build.media_dir, counter)
     choices = sorted(set(MAX_PIXEL_CHOICES) | {max_pixels})
     stats = {
         "mmdata_version": __version__,
@@ -626,8 +602,9 @@ def write_report(build_dir: str | os.PathLike, samples: int = 24, seed: int = 0,
                   "dataset_info": str(build.info_path), "datasets": build.manifest.get("datasets", {})},
         "counts": counts,
         "sample": {"size": len(records), "of": counts["written"], "seed": seed, "max_records": max_records},
-        "tokens": {"text": counter.label, "image": "Qwen2-VL smart_resize after LLaMA-Factory's image_max_pixels",
-                   "template": "Qwen2-VL chat template (approximate)"},
+        "tokens": {"text": counter.label, "model": counter.profile.name,
+                   "image": f"{counter.profile.family} image rule after LLaMA-Factory's image_max_pixels",
+                   "template": f"LLaMA-Factory template {counter.profile.lf_template}"},
         "image_max_pixels": max_pixels,
         "distributions": {**{k: describe(v) for k, v in m.records.items()},
                           **{k: describe(v) for k, v in m.images.items()}},
@@ -656,7 +633,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.build_dir, samples=args.samples, seed=args.seed, tokenizer=args.tokenizer,
-                        max_records=args.max_records, image_max_pixels=args.image_max_pixels)
+                        max_records=args.max_records, image_max_pixels=args.image_max_pixels, model=args.model)
     print(f"report: {path}")
     return 0
 
@@ -671,4 +648,6 @@ def add_report_command(subparsers) -> None:
     p.add_argument("--image-max-pixels", type=int, default=None,
                    help="budget for image-token numbers (default: the recipe's, else 768*768 like LLaMA-Factory)")
     p.add_argument("--tokenizer", default=None, help="transformers tokenizer name or path for exact text tokens")
+    p.add_argument("--model", default=None, metavar="NAME|DIR",
+                   help="count tokens for this model profile or local model folder (default: the recipe's model)")
     p.set_defaults(func=cmd_report)
