@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .atomic import replaced_on_close, write_text_atomic
 from .errors import BuildError, DatasetInfoError
 from .layout import MANIFEST, SPLITS, Layout, OutputLock, claim_output, read_json
 from .recipes import Recipe, Split
@@ -30,7 +31,6 @@ from .writers.llamafactory import (
     fill_optional_keys,
     merge_dataset_info,
     optional_keys,
-    write_text_atomic,
 )
 
 
@@ -277,13 +277,11 @@ def result_from_manifest(layout: Layout, manifest: dict, up_to_date: bool = Fals
 
 
 def _concat_parts(parts: list[Path], dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as out:
+    with replaced_on_close(dest, "wb") as out:
         for part in parts:
             if part.exists():
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out)
-    os.replace(tmp, dest)
 
 
 # datasets' JSON loader reads a file in chunks of this many bytes (its ``chunksize``) and types each column from the

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 import struct
 import warnings
 import zlib
@@ -406,38 +405,3 @@ def _to_saveable_mode(img: Image.Image, target: str) -> Image.Image:
             return background
         return img.convert("RGB") if img.mode not in ("RGB", "L") else img
     return img if img.mode in ("RGB", "RGBA", "L", "LA") else img.convert("RGBA" if "A" in img.mode else "RGB")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_new_image(path: Path, data: bytes) -> None:
-    """Write an image of a task through a temporary name, so a reader never sees a half-written image (the folder is
-    made on demand). A file left by a killed run is replaced whole, never written through, in case it is a hard link
-    to someone else's file."""
-    try:
-        write_bytes_atomic(path, data)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, data)
-
-
-def link_or_copy(source: Path, dest: Path, data: bytes | None = None) -> None:
-    """Hard-link ``source`` to ``dest``; if that is impossible (other filesystem, no permission), write ``data`` (or
-    copy the file when the bytes were never read)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        os.link(source, tmp)
-        os.replace(tmp, dest)
-    except OSError:
-        if data is None:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, dest)
-        else:
-            write_bytes_atomic(dest, data)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .errors import BuildError, MmdataError
 from .recipes import Recipe
 from .sources import Source
-from .writers.llamafactory import unregister_datasets, write_text_atomic
+from .writers.llamafactory import unregister_datasets
 
 MANIFEST = "mmdata_build.json"
 STATE_DIR = ".mmdata"

@@ -38,6 +38,7 @@ from typing import Any
 from . import lfdata
 from . import tokens as qwen_tokens
 from ._version import __version__
+from .atomic import write_text_atomic
 from .errors import MmdataError
 from .layout import manifest_dataset_info, read_manifest
 
@@ -620,15 +621,9 @@ def write_report(build_dir: str | os.PathLike, samples: int = 24, seed: int = 0,
     stats["plots"] = [f"plots/{name}" for name, _ in plots]
     items = gallery(records, build.media_dir, samples, seed)
     page = render_html(stats, plots, items, build.reject_examples())
-    _write_text(out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
-    _write_text(out / "index.html", page)
+    write_text_atomic(out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(out / "index.html", page)
     return out / "index.html"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .atomic import write_text_atomic
 from .errors import BuildError, SampleError
 from .images import convert_image, inspect_image
 from .layout import Layout
@@ -29,7 +30,7 @@ from .recipes import Recipe
 from .samples import Sample
 from .sources import Source
 from .tokens import IMAGE_MAX_PIXELS, LF_CUTOFF_LEN, TokenBudget, TokenCounter, lf_image_problem
-from .writers.llamafactory import json_line, optional_keys, record_json, write_text_atomic
+from .writers.llamafactory import json_line, optional_keys, record_json
 
 
 @dataclass
@@ -285,14 +286,9 @@ def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str,
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
+    """A task's staged lines, replaced whole; no lines, no file (a redone task may have had some before)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not lines:
-        if path.exists():
-            path.unlink()
+        path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import DatasetInfoError
 from ..samples import Sample, utf8_text
 
@@ -109,38 +108,6 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``. The file keeps the mode of
-    the one it replaces (a shared ``dataset_info.json`` stays group-readable); a new file gets the umask's.
-
-    Text UTF-8 cannot carry (lone surrogates, e.g. from a recipe's ``"\\ud83d"`` or a reject reason quoting row
-    data) is written with U+FFFD in their place (:func:`mmdata.samples.utf8_text`) instead of failing once the work
-    is done."""
-    text = utf8_text(text)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = False) -> list[str]:
