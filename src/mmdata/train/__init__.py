@@ -1,4 +1,5 @@
-"""Qwen2-VL LoRA fine-tuning on mmdata builds: train, predict with metrics, merge/export, tiny offline model.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL LoRA fine-tuning on mmdata builds: train, predict with metrics, merge/export,
+tiny offline models.
 
 Needs the ``train`` extra (torch, transformers, peft, accelerate, sacrebleu, torchvision). Importing this package
 is cheap: the functions below import torch when called.
@@ -28,6 +29,13 @@ def export(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
+def make_tiny_model(path, family="qwen2_vl", **kwargs):
+    """Write a tiny random ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` checkpoint (see ``tiny.make_tiny_model``)."""
+    from .tiny import make_tiny_model as _make
+
+    return _make(path, family, **kwargs)
+
+
 def make_tiny_qwen2vl(path, **kwargs):
     """Write a tiny random Qwen2-VL checkpoint folder (see ``tiny.make_tiny_qwen2vl``)."""
     from .tiny import make_tiny_qwen2vl as _make
@@ -35,4 +43,4 @@ def make_tiny_qwen2vl(path, **kwargs):
     return _make(path, **kwargs)
 
 
-__all__ = ["train", "predict", "export", "make_tiny_qwen2vl"]
+__all__ = ["train", "predict", "export", "make_tiny_model", "make_tiny_qwen2vl"]

@@ -30,7 +30,8 @@ _TRAIN_FLAGS: dict[str, dict] = {
 
 def add_train_commands(subparsers) -> None:
     """Register ``train``, ``predict``, ``export`` and ``make-tiny-model`` on an argparse subparsers object."""
-    p = subparsers.add_parser("train", help="LoRA fine-tune Qwen2-VL on a build folder (needs mmdata[train])")
+    p = subparsers.add_parser("train", help="LoRA fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL on a build folder "
+                                            "(needs mmdata[train])")
     p.add_argument("--model", help="model folder or hub id")
     p.add_argument("--dataset", help="mmdata build folder (or dataset_info.json)")
     p.add_argument("--output-dir")
@@ -64,8 +65,10 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--output-dir", required=True)
     p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("make-tiny-model", help="write a tiny random Qwen2-VL for offline smoke tests")
+    p = subparsers.add_parser("make-tiny-model", help="write a tiny random Qwen-VL model for offline smoke tests")
     p.add_argument("path")
+    p.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+                   help="which model's layout to copy (default qwen2_vl)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
@@ -116,7 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     _require_train_extra()
-    from .tiny import make_tiny_qwen2vl
+    from .tiny import make_tiny_model
 
-    print(make_tiny_qwen2vl(args.path, seed=args.seed))
+    print(make_tiny_model(args.path, args.family, seed=args.seed))
     return 0

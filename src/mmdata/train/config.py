@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import MmdataError
 
-# Every linear projection of the Qwen2-VL language model: the default LoRA targets (the tutorial's list too).
+# Every linear projection of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL decoder layer: the default LoRA targets (the
+# tutorial's list too).
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -32,7 +33,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # what to train on
-    model: str = Field(description="local model folder or hub id (Qwen2-VL / Qwen2.5-VL)")
+    model: str = Field(description="local model folder or hub id (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)")
     model_hub: Literal["huggingface", "modelscope"] = "huggingface"
     dataset: str = Field(description="an mmdata build folder, or a dataset_info.json / its folder")
     train_datasets: list[str] | None = Field(None, description="entry names; default: the build's train split")
@@ -46,8 +47,11 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LANGUAGE_TARGETS),
                                       description="leaf names of linear layers of the language model")
-    lora_vision: bool = Field(False, description="also adapt the vision blocks (qkv, proj, fc1, fc2)")
-    lora_merger: bool = Field(False, description="also adapt the vision-language merger MLP")
+    lora_vision: bool = Field(False, description="also adapt every linear layer of the vision blocks (attn.qkv, "
+                                                 "attn.proj and the MLP: fc1/fc2; gate/up/down_proj in Qwen2.5-VL; "
+                                                 "linear_fc1/2 in Qwen3-VL)")
+    lora_merger: bool = Field(False, description="also adapt the vision-language merger MLP (Qwen3-VL: and its "
+                                                 "DeepStack mergers)")
     use_dora: bool = False
     quantization_bit: Literal[4] | None = Field(None, description="QLoRA: 4-bit base weights (bitsandbytes, CUDA)")
     freeze_vision: bool = Field(True, description="false: adapt the vision blocks too (same as lora_vision)")

@@ -1,4 +1,5 @@
-"""Training data for Qwen2-VL: mmdata / LLaMA-Factory records -> token ids, labels, M-RoPE positions, pixels.
+"""Training data for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: mmdata / LLaMA-Factory records -> token ids, labels, M-RoPE
+positions, pixels.
 
 The data path, and why it is shaped like this:
 
@@ -8,11 +9,14 @@ The data path, and why it is shaped like this:
   conversation up to that turn (with and without it), so the labels are exactly the assistant content and its end
   token (``<|im_end|>``) and every other token is ``-100``, whatever the template.
 - Text is tokenised once, up front, in segments (like LLaMA-Factory), which also gives every sample's exact length
-  before any image is decoded: the vision token count follows from the image size (Qwen2-VL's ``smart_resize``).
+  before any image is decoded: the vision token count follows from the image size (Qwen2-VL's ``smart_resize`` to
+  multiples of ``patch_size * merge_size``: 28 pixels for Qwen2/2.5-VL, 32 for Qwen3-VL, read from the processor).
   Samples longer than ``cutoff_len`` are dropped and counted, never cut (a cut could split an image's tokens).
 - Images are decoded, resized to that precomputed size and turned into patches in ``__getitem__``, i.e. in
   DataLoader workers; the sample is built directly as tensors (no list round trips), and the 3-D M-RoPE positions
-  are computed there too, on the CPU, so the GPU step never runs ``get_rope_index``'s Python loops.
+  are computed there too, on the CPU, so the GPU step never runs ``get_rope_index``'s Python loops (for images the
+  three families' ``get_rope_index`` agree, see ``families.py``; the model then needs no ``mm_token_type_ids`` and,
+  for Qwen2.5-VL, no ``second_per_grid_ts``, which only video grids have).
 - The collator makes either length-grouped padded micro-batches or one padding-free packed row per micro-batch
   (with flash attention, where packing costs no attention FLOPs). It also precomputes which positions need
   logits (those followed by a label), so the step projects only those onto the 151,936-token vocabulary.
@@ -265,6 +269,13 @@ class SampleEncoder:
 # dataset and collator
 
 
+def pixel_bounds(min_pixels: int, max_pixels: int) -> dict:
+    """The image processor's pixel budget as call kwargs: ``size: {shortest_edge, longest_edge}`` (pixel areas, not
+    edges), which ``Qwen2VLImageProcessor`` reads for all three families; its ``min_pixels``/``max_pixels`` call
+    kwargs are deprecated in transformers 5."""
+    return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+
+
 class VisionSFTDataset(torch.utils.data.Dataset):
     """Map-style dataset: ``__getitem__`` decodes and patches the images and returns tensors (runs in workers)."""
 
@@ -273,7 +284,7 @@ class VisionSFTDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.image_processor = image_processor
         # the images arrive already resized to their smart_resize size; these bounds make the processor agree
-        self.pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self.pixels = pixel_bounds(min_pixels, max_pixels)
         self.image_token_id = image_token_id
         self.merge = merge
 

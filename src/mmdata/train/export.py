@@ -1,9 +1,12 @@
 """Merge a LoRA adapter into its base model and save a self-contained model folder.
 
-The folder gets the merged weights, the generation config, and the processor with tokenizer, image processor and
-chat template, so ``AutoProcessor.from_pretrained(out).apply_chat_template(...)`` works (the tutorial's export saved
-weights only and failed with "No chat template is set for this processor"). The export is checked by reloading
-the processor from the written folder before returning.
+The folder gets the merged weights, the generation config, and the processor with tokenizer, image (and video)
+processor and chat template, so ``AutoProcessor.from_pretrained(out).apply_chat_template(...)`` works (the
+tutorial's export saved weights only and failed with "No chat template is set for this processor"). The template
+is the one training saved with the adapter, else the base model's, else the family's Instruct template
+(``families.py``), so a Qwen3-VL export keeps Qwen3-VL's template (no default system prompt), never Qwen2-VL's.
+The export is checked by reloading the processor from the written folder and rendering a conversation before
+returning.
 """
 
 from __future__ import annotations
@@ -11,18 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TrainError
-from .model import load_model, load_processor, resolve_model_path
-from .tiny import QWEN2_VL_CHAT_TEMPLATE
+from .model import load_model, load_processor, read_family, resolve_model_path
 
 
 def export(model: str, adapter: str, output_dir: str, *, model_hub: str = "huggingface") -> Path:
     """Write ``base + adapter`` merged into ``output_dir`` (weights in the base checkpoint's dtype)."""
     from peft import PeftModel
-    from transformers import AutoConfig
 
     if not Path(adapter, "adapter_config.json").exists():
         raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
     model_path = resolve_model_path(model, model_hub)
+    family = read_family(model_path)
     base = load_model(model_path, dtype="auto")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     out = Path(output_dir)
@@ -32,11 +34,14 @@ def export(model: str, adapter: str, output_dir: str, *, model_hub: str = "huggi
     processor = load_processor(adapter, fallback=model_path)
     if not getattr(processor, "chat_template", None):
         base_template = getattr(load_processor(model_path), "chat_template", None)
-        model_type = AutoConfig.from_pretrained(model_path).model_type
-        processor.chat_template = base_template or (QWEN2_VL_CHAT_TEMPLATE if model_type == "qwen2_vl" else None)
-    if not processor.chat_template:
-        raise TrainError(f"{model_path}: neither the adapter nor the base model has a chat template to export")
+        processor.chat_template = base_template or family.chat_template
     processor.save_pretrained(out)
+    # transformers 5 nests the image/video processor configs in processor_config.json; the per-processor files
+    # (preprocessor_config.json, video_preprocessor_config.json) keep the folder readable by transformers 4.x
+    # (LLaMA-Factory's pinned versions, older vLLM). Same content, so either reader sees the same settings.
+    for part in ("image_processor", "video_processor"):
+        if getattr(processor, part, None) is not None:
+            getattr(processor, part).save_pretrained(out)
 
     reloaded = load_processor(str(out))
     try:

@@ -1,6 +1,6 @@
 """The training loss: cross-entropy at labelled positions only, projected onto the vocabulary chunk by chunk.
 
-Why not the model's own loss: Qwen2-VL's ``lm_head`` maps every position to 151,936 logits. A micro-batch of 16
+Why not the model's own loss: a Qwen-VL ``lm_head`` maps every position to 151,936 logits. A micro-batch of 16
 LaTeX samples has ~3,400 positions of which ~1,600 carry a label; the model's loss materialises bf16 logits for all
 of them, an fp32 copy for the cross-entropy, and the gradient of both -- several GB, more than the activations of
 the whole checkpointed language model. Here the step takes the final hidden states (``tap_final_hidden_states``),
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .model import unwrap_peft
+from .model import language_model
 
 LOSS_CHUNK = 256  # labelled positions per vocabulary projection: 256 x 151,936 fp32 logits = 156 MB
 
@@ -72,8 +72,12 @@ def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def final_norm(model) -> torch.nn.Module:
-    """The language model's last RMSNorm: its output is what ``lm_head`` projects (``last_hidden_state``)."""
-    return unwrap_peft(model).get_decoder().norm
+    """The language model's last RMSNorm: its output is what ``lm_head`` projects (``last_hidden_state``).
+
+    Found as ``get_decoder().norm`` in all three families (``Qwen2VLTextModel``, ``Qwen2_5_VLTextModel``,
+    ``Qwen3VLTextModel`` end in ``hidden_states = self.norm(hidden_states)``); a clear error where it is missing.
+    """
+    return language_model(model).norm
 
 
 @contextlib.contextmanager

@@ -1,9 +1,12 @@
-"""Load Qwen2-VL models and processors, pick dtype and attention, and attach LoRA adapters.
+"""Load Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and processors, pick dtype and attention, and attach LoRA adapters.
 
-Shared by training, prediction and export so all three load a model the same way. Works with transformers 4.5x
-and 5.x: the model class comes from ``AutoModelForImageTextToText`` (``AutoModelForVision2Seq`` before it), and
-LoRA targets are given to PEFT as full module names found by walking the model, so they do not depend on how a
-transformers version nests ``model.language_model`` / ``model.visual``.
+Shared by training, prediction and export so all three load a model the same way. The ``model_type`` in
+``config.json`` picks the family (``families.py``) and with it the model class, loaded by name
+(``Qwen3VLForConditionalGeneration`` ...), so an unsupported or too-new model fails before any weight is read.
+Modules are located by structure, not by leaf name: the decoder is ``get_decoder()`` (its ``layers`` and final
+``norm``), the vision tower is the module named ``visual``; LoRA targets are given to PEFT as full names of linear
+layers under them, so they do not depend on how a transformers version nests ``model.language_model`` /
+``model.visual``, and the language model's ``gate_proj`` can never catch Qwen2.5-VL's vision ``mlp.gate_proj``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, TrainError
+from .families import FAMILIES, Family, family_of
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-VISION_TARGETS = ("qkv", "proj", "fc1", "fc2")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 def resolve_model_path(model: str, hub: str = "huggingface") -> str:
@@ -88,20 +91,37 @@ def load_processor(path: str, *, fallback: str | None = None):
     return processor
 
 
-def model_class():
+def model_class(family: Family):
+    """The family's transformers class (e.g. ``Qwen3VLForConditionalGeneration``); a clear error when this
+    transformers version predates it."""
     import transformers
 
-    return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+    cls = getattr(transformers, family.model_class, None)
+    if cls is None:
+        raise TrainError(f"{family.name} needs transformers >= {family.min_transformers} ({family.model_class} is "
+                         f"missing from transformers {transformers.__version__}): pip install -U transformers")
+    return cls
+
+
+def read_family(path: str) -> Family:
+    """The :class:`Family` of the checkpoint at ``path`` (from its ``config.json``)."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (ValueError, KeyError) as e:  # a model_type this transformers version does not know
+        raise TrainError(f"{path}: cannot read its config.json with this transformers version ({e})") from None
+    return family_of(model_type, path)
+
+
+def family_of_model(model) -> Family:
+    """The :class:`Family` of a loaded (possibly PEFT-wrapped) model."""
+    return family_of(unwrap_peft(model).config.model_type)
 
 
 def load_model(path: str, *, dtype: torch.dtype | str, attn: str = "sdpa", quantization_bit: int | None = None):
     """The base model in ``dtype`` with the chosen attention; 4-bit (QLoRA) only on CUDA with bitsandbytes."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise TrainError(f"{path}: model_type {config.model_type!r} is not supported; the trainer handles "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    cls = model_class(read_family(path))
     kwargs: dict = {"attn_implementation": attn}
     if quantization_bit:
         if not torch.cuda.is_available():
@@ -115,9 +135,9 @@ def load_model(path: str, *, dtype: torch.dtype | str, attn: str = "sdpa", quant
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     try:
-        return model_class().from_pretrained(path, dtype=dtype, **kwargs)
+        return cls.from_pretrained(path, dtype=dtype, **kwargs)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
-        return model_class().from_pretrained(path, torch_dtype=dtype, **kwargs)
+        return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
 
 
 def unwrap_peft(model):
@@ -125,14 +145,43 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _is_vision(name: str) -> bool:
-    return "visual" in name.split(".")
+def language_model(model):
+    """The decoder (``get_decoder()``): its ``layers`` are compiled, its final ``norm`` feeds the chunked loss."""
+    base = unwrap_peft(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base or not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
+        raise TrainError(f"{type(base).__name__}: cannot find its language model (get_decoder() with .layers and "
+                         f".norm); this transformers version nests {base.config.model_type} differently")
+    return decoder
+
+
+def vision_tower(model):
+    """The vision tower: the module named ``visual`` (``model.visual`` in all three families)."""
+    base = unwrap_peft(model)
+    found = [m for n, m in base.named_modules() if n.split(".")[-1] == "visual"]
+    if len(found) != 1:
+        raise TrainError(f"{type(base).__name__}: expected one vision tower named 'visual', found {len(found)}; "
+                         f"this transformers version nests {base.config.model_type} differently")
+    return found[0]
+
+
+def _names_under(model, module) -> str:
+    """The dotted name of ``module`` inside ``model`` (as ``named_modules`` spells it)."""
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def lora_target_names(model, config: TrainConfig) -> list[str]:
-    """Full names of the linear layers to adapt; unknown ``target_modules`` fail with the list of valid names."""
+    """Full names of the linear layers to adapt; unknown ``target_modules`` fail with the list of valid names.
+
+    Language targets are linear layers under the decoder whose leaf name is in ``target_modules``; ``lora_vision``
+    adds every linear layer of the vision blocks (the family's ``vision_block_linears``, checked), ``lora_merger``
+    those of the merger(s) (Qwen3-VL: the DeepStack mergers too).
+    """
+    family = family_of_model(model)
     linear = {name: module for name, module in model.named_modules() if _is_linear(module)}
-    language = {n for n in linear if not _is_vision(n) and not n.endswith("lm_head")}
+    decoder = _names_under(model, language_model(model)) + "."
+    visual = _names_under(model, vision_tower(model)) + "."
+    language = {n for n in linear if n.startswith(decoder)}
     valid = sorted({n.rsplit(".", 1)[-1] for n in language})
     unknown = sorted(set(config.target_modules) - set(valid))
     if unknown:
@@ -140,9 +189,19 @@ def lora_target_names(model, config: TrainConfig) -> list[str]:
                          f"{', '.join(valid)} (vision blocks: set lora_vision; merger: set lora_merger)")
     names = [n for n in language if n.rsplit(".", 1)[-1] in config.target_modules]
     if config.lora_vision or not config.freeze_vision:
-        names += [n for n in linear if _is_vision(n) and ".blocks." in n and n.rsplit(".", 1)[-1] in VISION_TARGETS]
+        blocks = [n for n in linear if n.startswith(visual + "blocks.")]
+        leaves = {n.rsplit(".", 1)[-1] for n in blocks}
+        if leaves != set(family.vision_block_linears):
+            raise TrainError(f"lora_vision: the {family.name} vision blocks' linear layers are "
+                             f"{', '.join(sorted(leaves)) or 'missing'}, expected "
+                             f"{', '.join(family.vision_block_linears)}; this transformers version renamed them")
+        names += blocks
     if config.lora_merger:
-        names += [n for n in linear if _is_vision(n) and ".merger." in n]
+        merger = [n for n in linear if n.startswith(tuple(f"{visual}{m}." for m in family.mergers))]
+        if not merger:
+            raise TrainError(f"lora_merger: no linear layer under {', '.join(family.mergers)} in the "
+                             f"{family.name} vision tower; this transformers version renamed it")
+        names += merger
     return sorted(names)
 
 
@@ -188,11 +247,11 @@ def run_frozen_vision_without_grad(model) -> bool:
     sub-model's input embeddings -- the vision tower's patch embedding included. Its output then requires a
     gradient, so a frozen vision tower is checkpointed, recomputed and backpropagated on every step (for nothing:
     no weight in it trains), with its per-image attention calls three times over. LoRA on the vision blocks or the
-    merger (``lora_vision``, ``lora_merger``) keeps the tower differentiable.
+    merger (``lora_vision``, ``lora_merger``) keeps the tower differentiable. The whole tower's forward is wrapped,
+    so Qwen3-VL's DeepStack features (computed inside it) are gradient-free too.
     """
-    base = unwrap_peft(model)
-    visual = next((m for n, m in base.named_modules() if n.split(".")[-1] == "visual"), None)
-    if visual is None or any(p.requires_grad for p in visual.parameters()):
+    visual = vision_tower(model)
+    if any(p.requires_grad for p in visual.parameters()):
         return False
     visual.forward = types.MethodType(_forward_without_grad, visual)  # bound to the module: deepcopy rebinds it
     return True
@@ -240,7 +299,6 @@ def compile_language_layers(model) -> None:
     import torch._dynamo.config
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    base = unwrap_peft(model)
-    for layer in base.get_decoder().layers:
+    for layer in language_model(model).layers:
         for child in layer.children():
             child.compile(dynamic=True)

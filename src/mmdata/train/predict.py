@@ -3,8 +3,10 @@
 The output matches LLaMA-Factory's ``do_predict`` (one JSON line per sample with ``prompt``, ``predict`` and
 ``label``), so existing evaluation scripts keep working. The prompt is every turn before the last assistant turn,
 rendered with the processor's chat template; the label is that last assistant turn. Works with a base model, a base
-model plus a LoRA adapter (``--adapter``), or a merged export. Images are resized exactly as in training (the
-adapter's ``mmdata_train.json`` supplies ``min_pixels``/``max_pixels`` unless given).
+model plus a LoRA adapter (``--adapter``), or a merged export, of any family in ``families.py``: the processor's
+output (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``, from
+which each family's ``generate`` computes its own M-RoPE positions) goes to ``generate`` as is. Images are resized
+exactly as in training (the adapter's ``mmdata_train.json`` supplies ``min_pixels``/``max_pixels`` unless given).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 from .config import TrainError
-from .data import read_conversations, resolve_split, smart_resize, to_messages
+from .data import pixel_bounds, read_conversations, resolve_split, smart_resize, to_messages
 from .metrics import compute_metrics
 from .model import load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
 
@@ -77,7 +79,7 @@ def generate(net, processor, items: list[dict], *, batch_size: int, max_new_toke
                 with Image.open(path) as im:
                     h, w = smart_resize(im.height, im.width, factor, min_pixels, max_pixels)
                     images.append(im.convert("RGB").resize((w, h), Image.BICUBIC))
-        kwargs = {"images": images, "min_pixels": min_pixels, "max_pixels": max_pixels} if images else {}
+        kwargs = {"images": images, **pixel_bounds(min_pixels, max_pixels)} if images else {}
         enc = processor(text=[item["prompt"] for item in batch], padding=True, return_tensors="pt", **kwargs)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.inference_mode():

@@ -1,42 +1,39 @@
-"""Write a tiny, randomly initialised Qwen2-VL checkpoint folder that loads offline like the real one.
+"""Write tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folders that load offline like
+the real ones.
 
 Why: tests, CI and users without a GPU or network need a model folder that every consumer of a real
-``Qwen/Qwen2-VL-2B-Instruct`` download accepts unchanged (``AutoProcessor``, ``Qwen2VLForConditionalGeneration``,
-LLaMA-Factory's ``qwen2_vl`` template and mm plugin), yet trains in seconds on a CPU. So the folder copies the real
-checkpoint's *layout and semantics* and shrinks only the sizes:
+``Qwen/Qwen2-VL-2B-Instruct``, ``Qwen/Qwen2.5-VL-3B-Instruct`` or ``Qwen/Qwen3-VL-2B-Instruct`` download accepts
+unchanged (``AutoProcessor``, ``AutoModelForImageTextToText`` and the family's own class, LLaMA-Factory's templates
+and mm plugins), yet trains in seconds on a CPU. So each folder copies the real checkpoint's *layout and semantics*
+and shrinks only the sizes:
 
-- ``config.json`` is written flat, in the hub's format (``model_type: qwen2_vl``, text keys at the top level,
-  ``vision_config``, ``rope_scaling: {type: mrope, mrope_section}``, the special token ids), which transformers 4.x
-  and 5.x both read;
+- ``config.json`` is the hub's format: flat for Qwen2-VL and Qwen2.5-VL (text keys at the top level,
+  ``vision_config``, ``rope_scaling: {type: mrope, mrope_section}``, the special token ids; Qwen2.5-VL's vision tower
+  with window attention, ``fullatt_block_indexes`` and a SwiGLU MLP), nested for Qwen3-VL (``text_config`` with
+  ``head_dim`` and interleaved M-RoPE, ``vision_config`` with patch 16, learned position embeddings and
+  ``deepstack_visual_indexes``), which transformers 4.x and 5.x read;
 - the tokenizer is a real byte-level BPE with Qwen2's pre-tokenizer regex, trained here (deterministically) on a
   small built-in corpus, followed by Qwen2's special tokens in Qwen2's order (``<|endoftext|>``, ``<|im_start|>``,
   ``<|im_end|>``, ..., ``<|vision_start|>``, ``<|vision_end|>``, ``<|vision_pad|>``, ``<|image_pad|>``,
-  ``<|video_pad|>``), so ids differ from the real ones but every token plays the same role;
-- ``preprocessor_config.json`` is the real Qwen2-VL one (patch 14, merge 2, CLIP mean/std, min/max pixels),
-  and Qwen2-VL's own chat template is saved in ``tokenizer_config.json`` and ``chat_template.json``.
+  ``<|video_pad|>``) and, like the real Qwen2.5 / Qwen3 vocabularies, the non-special added tokens after them
+  (``<tool_call>``, FIM tokens; Qwen3 also ``<tool_response>``, ``<think>``, ``</think>``), so ids differ from the
+  real ones but every token plays the same role;
+- ``preprocessor_config.json`` is the real one (Qwen2/2.5-VL: patch 14, CLIP mean/std, ``min_pixels`` /
+  ``max_pixels``; Qwen3-VL: patch 16, mean/std 0.5, ``size: {shortest_edge, longest_edge}``, plus its
+  ``video_preprocessor_config.json``), and the family's own chat template is saved in ``tokenizer_config.json`` and
+  ``chat_template.json``.
 
-The result is about 1 MB. It is a smoke model: its outputs are noise until trained.
+Each folder is about 1 MB. It is a smoke model: its outputs are noise until trained.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
-# Qwen2-VL's chat template, verbatim from Qwen/Qwen2-VL-*-Instruct (chat_template.json / tokenizer_config.json).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
-    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from .families import FAMILIES, QWEN2_VL_CHAT_TEMPLATE  # noqa: F401 - QWEN2_VL_CHAT_TEMPLATE: re-exported
 
 # Qwen2's special tokens in the order of the real vocabulary (real ids 151643..151656).
 SPECIAL_TOKENS = (
@@ -44,24 +41,61 @@ SPECIAL_TOKENS = (
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>",
 )
+# Added tokens after them that are not special (``"special": false`` in the real tokenizer.json): Qwen2.5's tool and
+# FIM tokens (real ids 151657..151664), Qwen3's tool-response and thinking tokens (151665..151668).
+_QWEN25_EXTRA = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                 "<|repo_name|>", "<|file_sep|>")
+EXTRA_TOKENS = {
+    "qwen2_vl": (),
+    "qwen2_5_vl": _QWEN25_EXTRA,
+    "qwen3_vl": _QWEN25_EXTRA + ("<tool_response>", "</tool_response>", "<think>", "</think>"),
+}
 
 # Qwen2's pre-tokenizer regex (tokenization_qwen2.PRETOKENIZE_REGEX).
 PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# The real preprocessor_config.json of Qwen2-VL-*-Instruct.
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# The real preprocessor_config.json of Qwen2-VL-*-Instruct (Qwen2.5-VL's differs only in processor_class).
 PREPROCESSOR_CONFIG = {
     "min_pixels": 3136,
     "max_pixels": 12845056,
     "patch_size": 14,
     "temporal_patch_size": 2,
     "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_mean": _CLIP_MEAN,
+    "image_std": _CLIP_STD,
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
+# The real preprocessor_config.json and video_preprocessor_config.json of Qwen3-VL-2B-Instruct.
+QWEN3_VL_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+PREPROCESSOR_CONFIGS = {
+    "qwen2_vl": PREPROCESSOR_CONFIG,
+    "qwen2_5_vl": {**PREPROCESSOR_CONFIG, "processor_class": "Qwen2_5_VLProcessor"},
+    "qwen3_vl": QWEN3_VL_PREPROCESSOR_CONFIG,
+}
+TINY_FAMILIES = tuple(PREPROCESSOR_CONFIGS)
 
 _CORPUS = """You are a helpful assistant. Describe the image. What is in this picture? Transcribe the formula.
 Write the LaTeX code of the formula in the image. The image shows a chest X-ray with no acute findings.
@@ -73,8 +107,9 @@ the of and to in is that for it as with was on be by this are from at or an whic
 """
 
 
-def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None):
-    """A byte-level BPE shaped exactly like Qwen2's ``tokenizer.json``, trained on :data:`_CORPUS`."""
+def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, family: str = "qwen2_vl"):
+    """A byte-level BPE shaped exactly like Qwen2's ``tokenizer.json``, trained on :data:`_CORPUS`, then the
+    family's added tokens (:data:`SPECIAL_TOKENS`, then :data:`EXTRA_TOKENS` as non-special added tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
@@ -98,6 +133,7 @@ def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None):
         tok = Tokenizer(model)
         tok.pre_tokenizer, tok.normalizer, tok.decoder = pre, norm, dec
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS[family]])
     return tok
 
 
@@ -105,9 +141,16 @@ def _merges(tok) -> list:
     return json.loads(tok.to_str())["model"]["merges"]
 
 
-def _tokenizer_config(tok) -> dict:
+def _family(family: str) -> str:
+    if family not in PREPROCESSOR_CONFIGS:
+        raise ValueError(f"no tiny model for {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    return family
+
+
+def _tokenizer_config(tok, family: str = "qwen2_vl") -> dict:
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+                                       "single_word": False, "special": special}
+             for tokens, special in ((SPECIAL_TOKENS, True), (EXTRA_TOKENS[family], False)) for t in tokens}
     return {
         "add_prefix_space": False,
         "added_tokens_decoder": added,
@@ -116,11 +159,11 @@ def _tokenizer_config(tok) -> dict:
                                       "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
                                       "<|video_pad|>"],
         "bos_token": None,
-        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+        "chat_template": FAMILIES[family].chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "model_max_length": 32768,
+        "model_max_length": 262144 if family == "qwen3_vl" else 32768,
         "pad_token": "<|endoftext|>",
         "padding_side": "left",  # like the real Qwen2-VL tokenizer_config; the trainer pads explicitly anyway
         "split_special_tokens": False,
@@ -129,19 +172,53 @@ def _tokenizer_config(tok) -> dict:
     }
 
 
-def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int = 64, layers: int = 2) -> dict:
-    """Flat hub-style Qwen2-VL ``config.json`` with tiny sizes (head_dim 16, so ``mrope_section`` sums to 8)."""
-    return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int = 64, layers: int = 2,
+                family: str = "qwen2_vl") -> dict:
+    """Hub-style ``config.json`` of a tiny ``family`` model (head_dim 16, so ``mrope_section`` sums to 8).
+
+    Qwen2-VL / Qwen2.5-VL: flat, as Qwen2-VL-2B-Instruct / Qwen2.5-VL-3B-Instruct; Qwen3-VL: nested, as
+    Qwen3-VL-2B-Instruct (whose vision ``model_type`` is the old ``qwen3_vl``; transformers renames it on load).
+    """
+    tokens = {
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+    }
+    if _family(family) == "qwen3_vl":
+        return {
+            "architectures": ["Qwen3VLForConditionalGeneration"],
+            "model_type": "qwen3_vl",
+            **tokens,
+            "text_config": {
+                "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": ids["<|endoftext|>"],
+                "dtype": "float32", "eos_token_id": ids["<|im_end|>"], "head_dim": 16, "hidden_act": "silu",
+                "hidden_size": hidden_size, "initializer_range": 0.02, "intermediate_size": hidden_size * 2,
+                "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
+                "num_attention_heads": hidden_size // 16, "num_hidden_layers": layers,
+                "num_key_value_heads": max(1, hidden_size // 32), "rms_norm_eps": 1e-06,
+                # the real [24, 20, 20] of head_dim 128, scaled: interleaved T/H/W frequencies, the tail temporal
+                "rope_scaling": {"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
+                "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True, "vocab_size": vocab_size,
+            },
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+            "vision_config": {
+                # the real model adds DeepStack features of blocks 5, 11, 17 (of 24) to decoder layers 0-2
+                "deepstack_visual_indexes": [0, 1], "depth": 3, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
+                "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 64, "model_type": "qwen3_vl",
+                "num_heads": 2, "num_position_embeddings": 256, "out_hidden_size": hidden_size, "patch_size": 16,
+                "spatial_merge_size": 2, "temporal_patch_size": 2,
+            },
+        }
+    config = {
+        "architectures": [FAMILIES[family].model_class],
+        "model_type": family,
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
+        **tokens,
         "vision_token_id": ids["<|vision_pad|>"],
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
         "hidden_act": "silu",
         "hidden_size": hidden_size,
         "initializer_range": 0.02,
@@ -165,20 +242,31 @@ def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int = 64, 
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
         "vocab_size": vocab_size,
     }
+    if family == "qwen2_5_vl":
+        config["max_position_embeddings"] = 128000
+        config["vision_config"] = {
+            # the real one: 32 RMSNorm + SwiGLU blocks, windows of 112 pixels, full attention every 8th block
+            "depth": 2, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+            "in_chans": 3, "out_hidden_size": hidden_size, "patch_size": 14, "spatial_merge_size": 2,
+            "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [1], "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        }
+    return config
 
 
-def make_tiny_qwen2vl(path: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                      tokenizer_vocab: int = 600) -> Path:
-    """Write the tiny checkpoint to ``path`` (created; files inside are overwritten) and return the path.
+def make_tiny_model(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0, hidden_size: int = 64,
+                    layers: int = 2, tokenizer_vocab: int = 600) -> Path:
+    """Write a tiny ``family`` checkpoint (``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``) to ``path`` (created; files
+    inside are overwritten) and return the path.
 
-    Loads offline with ``AutoProcessor.from_pretrained(path)`` and
-    ``Qwen2VLForConditionalGeneration.from_pretrained(path)``; ``mmdata train --model path`` accepts it.
+    Loads offline with ``AutoProcessor.from_pretrained(path)`` and ``AutoModelForImageTextToText`` (or the family's
+    class, e.g. ``Qwen3VLForConditionalGeneration``); ``mmdata train --model path`` accepts it.
     """
     import torch
 
     out = Path(path)
-    ids, vocab = write_tokenizer_and_processor(out, tokenizer_vocab)
-    flat = tiny_config(-(-vocab // 64) * 64, ids, hidden_size=hidden_size, layers=layers)  # padded like 151936
+    ids, vocab = write_tokenizer_and_processor(out, tokenizer_vocab, family=family)
+    config = tiny_config(-(-vocab // 64) * 64, ids, hidden_size=hidden_size, layers=layers, family=family)
 
     def rescale_embeddings(model):
         # With 64-dim hidden states of RMS 1 and the usual 0.02-std embeddings, no logit can exceed ~1.3, so the
@@ -186,48 +274,57 @@ def make_tiny_qwen2vl(path: str | os.PathLike, *, seed: int = 0, hidden_size: in
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, 0.1)
 
-    write_random_model(out, flat, seed=seed, dtype=torch.float32, adjust=rescale_embeddings)
+    write_random_model(out, config, seed=seed, dtype=torch.float32, adjust=rescale_embeddings)
     return out
 
 
-def write_tokenizer_and_processor(out: Path, tokenizer_vocab: int = 600, pad_vocab_to: int | None = None):
+def make_tiny_qwen2vl(path: str | os.PathLike, **kwargs) -> Path:
+    """A tiny random Qwen2-VL (see :func:`make_tiny_model`)."""
+    return make_tiny_model(path, "qwen2_vl", **kwargs)
+
+
+def write_tokenizer_and_processor(out: Path, tokenizer_vocab: int = 600, pad_vocab_to: int | None = None, *,
+                                  family: str = "qwen2_vl"):
     """Tokenizer, tokenizer/processor configs and chat template; returns (special token ids, vocabulary size).
 
     ``pad_vocab_to`` appends unreachable filler tokens before the special tokens, so that with 151643 the special
     tokens get the real Qwen2 ids (``<|image_pad|>`` = 151655 ...), for benchmarks with the exact real config.
     """
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train_tokenizer(tokenizer_vocab, pad_vocab_to)
+    tok = _train_tokenizer(tokenizer_vocab, pad_vocab_to, _family(family))
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out), None)  # vocab.json + merges.txt, for code paths that rebuild the BPE from them
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(tok))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(tok, family))
     _write_json(out / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                                                    "additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIGS[family])
+    if family == "qwen3_vl":
+        _write_json(out / "video_preprocessor_config.json", QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
+    _write_json(out / "chat_template.json", {"chat_template": FAMILIES[family].chat_template})
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + EXTRA_TOKENS[family]}
     return ids, tok.get_vocab_size()
 
 
-def write_random_model(out: Path, flat: dict, *, seed: int = 0, dtype=None, device: str | None = None,
+def write_random_model(out: Path, config: dict, *, seed: int = 0, dtype=None, device: str | None = None,
                        adjust=None) -> None:
-    """Randomly initialise ``Qwen2VLForConditionalGeneration`` from a flat hub-style config and save it."""
-    import copy
-
+    """Randomly initialise the model of a hub-style ``config`` (its ``model_type`` picks the class) and save it."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
+    fields = copy.deepcopy(config)  # some versions edit the dict
+    model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device(device or "cpu"):
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**copy.deepcopy(flat)))  # some versions edit the dict
+        model = AutoModelForImageTextToText.from_config(model_config)
     model = model.to(dtype or torch.float32)
     if adjust is not None:
         adjust(model)
     model.save_pretrained(out, safe_serialization=True)
-    _write_json(out / "config.json", flat)  # the hub's flat format, read by transformers 4.x and 5.x alike
+    _write_json(out / "config.json", config)  # the hub's format, read by transformers 4.x and 5.x alike
+    text = config.get("text_config", config)
     _write_json(out / "generation_config.json", {
-        "bos_token_id": flat["bos_token_id"], "pad_token_id": flat["bos_token_id"],
-        "eos_token_id": [flat["eos_token_id"], flat["bos_token_id"]], "do_sample": False,
+        "bos_token_id": text["bos_token_id"], "pad_token_id": text["bos_token_id"],
+        "eos_token_id": [text["eos_token_id"], text["bos_token_id"]], "do_sample": False,
     })
 
 

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of Qwen2-VL on an mmdata build, through Hugging Face's ``Trainer``.
+"""LoRA fine-tuning of Qwen2-VL / Qwen2.5-VL / Qwen3-VL on an mmdata build, through Hugging Face's ``Trainer``.
 
 Why HF ``Trainer``: checkpoints, ``trainer_state.json``, resume, DDP (``torchrun`` / ``accelerate launch``),
 DeepSpeed ZeRO-2/3, schedulers and loggers come from one well-kept library. This module only adds what it lacks for
@@ -30,6 +30,7 @@ from .model import (
     pick_adapter_dtype,
     pick_attention,
     pick_dtype,
+    read_family,
     resolve_model_path,
     run_frozen_vision_without_grad,
     should_compile,
@@ -182,6 +183,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
 
     set_seed(config.seed)
     model_path = resolve_model_path(config.model, config.model_hub)
+    family = read_family(model_path)  # an unsupported model fails here, before any data is encoded
     processor = load_processor(model_path)
     data_kwargs = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels, cutoff_len=config.cutoff_len)
 
@@ -217,6 +219,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     record = {
         "config": config.model_dump(),
         "model_path": str(model_path),
+        "model_type": family.model_type,
         "train_datasets": train_names,
         "val_datasets": val_names,
         "data": {"train": train_stats.as_dict(), "val": val_stats.as_dict() if val_stats else None},
