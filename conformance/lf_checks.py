@@ -1,12 +1,14 @@
-"""The LLaMA-Factory side of the conformance run: runs in the isolated venv, never imports mmdata's package.
+"""The LLaMA-Factory side of the conformance run: runs in the isolated venv; of mmdata it imports only the tiny-model
+writer (``mmdata.train.tiny`` from the checkout's ``src/``), so the model is made by LLaMA-Factory's transformers.
 
-    python lf_checks.py tiny MODEL_DIR        write the tiny Qwen2-VL (mmdata/train/tiny.py, loaded by file path)
-    python lf_checks.py load WORK MODEL_DIR   load every dataset of WORK/expected.json through LLaMA-Factory
+    python lf_checks.py tiny MODEL_DIR [FAMILY]          write a tiny random model (qwen2_vl, qwen2_5_vl, qwen3_vl)
+    python lf_checks.py load WORK MODEL_DIR [TEMPLATE]   load every dataset of WORK/expected.json through LLaMA-Factory
     python lf_checks.py trained OUTPUT_DIR    check a `llamafactory-cli train` output: adapter + finite loss
     python lf_checks.py predicted OUTPUT_DIR BUILD_DIR   one prediction per record of predict.yaml's eval_dataset
 
 ``load`` goes through LLaMA-Factory's own ``get_train_args`` -> ``load_tokenizer`` ->
-``get_template_and_fix_tokenizer`` -> ``get_dataset`` (stage sft, template qwen2_vl), one dataset at a time, and
+``get_template_and_fix_tokenizer`` -> ``get_dataset`` (stage sft, template qwen2_vl or the one given), one dataset at
+a time, and
 asserts that every record came through (LLaMA-Factory drops malformed examples with only a warning) and that each
 record's ``<|image_pad|>`` count equals what mmdata predicted for its images. Then it asserts that the deliberately
 broken copy fails there, with LLaMA-Factory's own error message.
@@ -14,7 +16,6 @@ broken copy fails there, with LLaMA-Factory's own error message.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -25,14 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 MISMATCH = "The number of images does not match the number of <image> tokens"
 
 
-def make_tiny(model_dir: str) -> None:
-    spec = importlib.util.spec_from_file_location("mmdata_tiny", REPO / "src/mmdata/train/tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    print(f"tiny Qwen2-VL: {tiny.make_tiny_qwen2vl(model_dir)}")
+def make_tiny(model_dir: str, family: str = "qwen2_vl") -> None:
+    sys.path.insert(0, str(REPO / "src"))
+    from mmdata.train.tiny import make_tiny_model
+
+    print(f"tiny {family}: {make_tiny_model(model_dir, family)}")
 
 
-def lf_dataset(dataset_dir: str, name: str, model_dir: str, image_max_pixels: int, scratch: Path):
+def lf_dataset(dataset_dir: str, name: str, model_dir: str, image_max_pixels: int, scratch: Path,
+               template: str = "qwen2_vl"):
     """The tokenized train dataset LLaMA-Factory makes of ``name``, and its tokenizer."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
@@ -40,7 +42,7 @@ def lf_dataset(dataset_dir: str, name: str, model_dir: str, image_max_pixels: in
 
     model_args, data_args, training_args, _, _ = get_train_args({
         "model_name_or_path": model_dir, "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "dataset_dir": dataset_dir, "dataset": name, "template": "qwen2_vl", "cutoff_len": 16384,
+        "dataset_dir": dataset_dir, "dataset": name, "template": template, "cutoff_len": 16384,
         "image_max_pixels": image_max_pixels, "overwrite_cache": True, "output_dir": str(scratch / "out"),
         "report_to": "none",
     })
@@ -50,14 +52,19 @@ def lf_dataset(dataset_dir: str, name: str, model_dir: str, image_max_pixels: in
     return module["train_dataset"], tokenizer_module["tokenizer"]
 
 
-def check_load(work: str, model_dir: str) -> None:
+def check_load(work: str, model_dir: str, template: str = "qwen2_vl") -> None:
+    """Every dataset through LLaMA-Factory under ``template``; the expected ``<|image_pad|>`` counts are mmdata's for
+    that model (``expected.json``: ``image_tokens`` for Qwen2-VL, ``image_tokens_<template>`` for the others)."""
     work = Path(work)
     expected = json.loads((work / "expected.json").read_text())
+    key = "image_tokens" if template == "qwen2_vl" else f"image_tokens_{template}"
     failures = []
     for name, want in expected["datasets"].items():
+        want = {**want, "image_tokens": want[key]}
         t0 = time.time()
         try:
-            ds, tokenizer = lf_dataset(expected["dataset_dir"], name, model_dir, expected["image_max_pixels"], work)
+            ds, tokenizer = lf_dataset(expected["dataset_dir"], name, model_dir, expected["image_max_pixels"], work,
+                                       template)
         except Exception as e:  # report every dataset, not just the first failure
             print(f"  {name:<24} {want['split']:<5} FAIL LLaMA-Factory raised {type(e).__name__}: {str(e)[:300]}")
             failures.append(name)
@@ -80,7 +87,7 @@ def check_load(work: str, model_dir: str) -> None:
 
     broken = expected["broken"]
     try:
-        lf_dataset(broken["dataset_dir"], broken["name"], model_dir, expected["image_max_pixels"], work)
+        lf_dataset(broken["dataset_dir"], broken["name"], model_dir, expected["image_max_pixels"], work, template)
     except ValueError as e:
         if MISMATCH not in str(e):
             failures.append(f"broken dataset failed for another reason: {e}")

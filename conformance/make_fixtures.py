@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 import mmdata
 from mmdata.lfconfig import BuildDatasets, read_build
 from mmdata.lfdata import iter_dataset
+from mmdata.profiles import get_profile
 from mmdata.tokens import image_tokens
 
 # (width, height): below, around and above LLaMA-Factory's default image_max_pixels (589824), odd aspect ratios.
@@ -94,23 +95,34 @@ def recipe(root: Path, name: str, source: Path, data: Path, split: bool = True, 
     return path
 
 
+#: Templates the conformance run loads the builds under besides qwen2_vl, and the profile that counts for each.
+OTHER_TEMPLATES = {"qwen3_vl": "qwen3_vl"}
+
+
 def expected_for(build: BuildDatasets, image_max_pixels: int, processor: dict) -> dict[str, dict]:
-    """Per dataset: record count and the image tokens mmdata predicts for each record, in file order."""
+    """Per dataset: record count and the image tokens mmdata predicts for each record, in file order: for Qwen2-VL
+    (``image_tokens``, from :func:`mmdata.tokens.image_tokens`) and for every other template's model profile
+    (``image_tokens_<template>``)."""
     out = {}
     for split, names in build.splits.items():
         for name in names:
-            tokens = []
+            tokens, others = [], {t: [] for t in OTHER_TEMPLATES}
             for _turns, images, _videos in iter_dataset(build.dataset_dir / "dataset_info.json", name):
-                n = 0
+                n, n_other = 0, dict.fromkeys(OTHER_TEMPLATES, 0)
                 for image in images:
                     with Image.open(build.dataset_dir / image) as im:
                         n += image_tokens(*im.size, max_pixels=image_max_pixels,
                                           processor_min_pixels=processor["min_pixels"],
                                           processor_max_pixels=processor["max_pixels"])
+                        for template, profile in OTHER_TEMPLATES.items():
+                            n_other[template] += get_profile(profile).image_tokens(*im.size, image_max_pixels)
                 tokens.append(n)
+                for template in OTHER_TEMPLATES:
+                    others[template].append(n_other[template])
             count = build.manifest["datasets"][name]["count"]
             assert count == len(tokens), (name, count, len(tokens))
-            out[name] = {"split": split, "count": count, "image_tokens": tokens}
+            out[name] = {"split": split, "count": count, "image_tokens": tokens,
+                         **{f"image_tokens_{t}": v for t, v in others.items()}}
     return out
 
 
@@ -164,7 +176,8 @@ def main(work: str) -> None:
     info = json.loads((data / "dataset_info.json").read_text())
     assert OTHER_ENTRY in info, "mmdata dropped an entry it did not write from dataset_info.json"
     processor = {"min_pixels": 3136, "max_pixels": 12845056}  # tiny model = real Qwen2-VL preprocessor_config
-    expected: dict[str, dict] = {OTHER_ENTRY: {"split": "train", "count": 3, "image_tokens": [0, 0, 0]}}
+    expected: dict[str, dict] = {OTHER_ENTRY: {"split": "train", "count": 3, "image_tokens": [0, 0, 0],
+                                               **{f"image_tokens_{t}": [0, 0, 0] for t in OTHER_TEMPLATES}}}
     image_max_pixels = 589824  # LLaMA-Factory's default, which lf_checks.py uses
     for name in results:
         expected.update(expected_for(read_build(data / name), image_max_pixels, processor))

@@ -6,12 +6,13 @@
 # MMDATA_PYTHON is a Python with mmdata installed (default: $MMDATA_PYTHON, else .venv/bin/python from
 # `make install-test`). LLaMA-Factory lives in its own venv, $MMDATA_CONFORMANCE_CACHE/lf-venv (default .cache/),
 # built from conformance/requirements*.txt and reused while those files are unchanged. Nothing is downloaded at run
-# time: the model is a tiny random Qwen2-VL written on the spot (src/mmdata/train/tiny.py), HF_HUB_OFFLINE=1.
+# time: the models are tiny random Qwen2-VL and Qwen3-VL written on the spot (src/mmdata/train/tiny.py), HF_HUB_OFFLINE=1.
 #
 # Steps: 1 build every output shape with mmdata (make_fixtures.py); 2 `mmdata validate` accepts them and rejects a
 # deliberately broken copy; 3 LLaMA-Factory's get_dataset loads each one (record counts, <|image_pad|> counts) and
 # rejects the broken copy; 4 `mmdata llamafactory` writes train_lora/predict/merge YAMLs, which `llamafactory-cli`
-# runs unchanged (3 LoRA steps on the CPU, predictions, merge). Every step runs; the exit status says if any failed.
+# runs unchanged (3 LoRA steps on the CPU, predictions, merge); 5 steps 3 and 4 again for a tiny Qwen3-VL (template
+# qwen3_vl). Every step runs; the exit status says if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -68,9 +69,11 @@ rm -rf "$WORK"
 mkdir -p "$WORK/logs"
 RUN=$WORK/run
 LATEX=$RUN/latex
+LATEX3=$RUN/latex3
 
 step install-llamafactory install_lf_venv || { echo "conformance: no LLaMA-Factory venv"; exit 1; }
 if step build-fixtures "$PY" conformance/make_fixtures.py "$RUN"; then
+    cp -r "$LATEX" "$LATEX3"  # one build, two model families: each trains in its own copy
     step mmdata-validate "$PY" conformance/make_fixtures.py --validate "$RUN"
     step tiny-model "$LF_PY" conformance/lf_checks.py tiny "$RUN/tiny" &&
         step lf-load-datasets "$LF_PY" conformance/lf_checks.py load "$RUN" "$RUN/tiny"
@@ -82,6 +85,19 @@ if step build-fixtures "$PY" conformance/make_fixtures.py "$RUN"; then
             step lf-predicted "$LF_PY" conformance/lf_checks.py predicted "$LATEX/saves/lora_predict" "$LATEX" &&
             step lf-merge "$VENV/bin/llamafactory-cli" export "$LATEX/merge.yaml" &&
             step lf-merged test -s "$LATEX/saves/lora_merged/model.safetensors"
+    fi
+    # The same under Qwen3-VL: LLaMA-Factory's template qwen3_vl loads every build with mmdata's Qwen3-VL image-token
+    # counts, and `mmdata llamafactory --model <tiny Qwen3-VL>` writes YAMLs it trains, predicts and merges.
+    step tiny-model-qwen3 "$LF_PY" conformance/lf_checks.py tiny "$RUN/tiny3" qwen3_vl &&
+        step lf-load-datasets-qwen3 "$LF_PY" conformance/lf_checks.py load "$RUN" "$RUN/tiny3" qwen3_vl
+    if step write-configs-qwen3 "$PY" -m mmdata.cli llamafactory "$LATEX3" --model "$RUN/tiny3" --max-steps 3 \
+        --precision fp32 --num-workers 1; then
+        step lf-train-qwen3 "$VENV/bin/llamafactory-cli" train "$LATEX3/train_lora.yaml" &&
+            step lf-trained-qwen3 "$LF_PY" conformance/lf_checks.py trained "$LATEX3/saves/lora_sft" &&
+            step lf-predict-qwen3 "$VENV/bin/llamafactory-cli" train "$LATEX3/predict.yaml" &&
+            step lf-predicted-qwen3 "$LF_PY" conformance/lf_checks.py predicted "$LATEX3/saves/lora_predict" "$LATEX3" &&
+            step lf-merge-qwen3 "$VENV/bin/llamafactory-cli" export "$LATEX3/merge.yaml" &&
+            step lf-merged-qwen3 test -s "$LATEX3/saves/lora_merged/chat_template.jinja"
     fi
 fi
 
