@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import MmdataError
-from .profiles import ModelProfile, get_profile, load_profile
+from .profiles import ModelProfile, get_profile, load_profile, vision
 
 # LLaMA-Factory's DataArguments/ModelArguments defaults.
 IMAGE_MAX_PIXELS = 768 * 768
@@ -52,23 +52,10 @@ VISION_WRAPPER = 2  # <|vision_start|> ... <|vision_end|>
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = PROCESSOR_MIN_PIXELS,
                  max_pixels: int = PROCESSOR_MAX_PIXELS) -> tuple[int, int]:
-    """transformers' Qwen2-VL ``smart_resize``, line for line: both sides multiples of ``factor``, the area within
-    ``[min_pixels, max_pixels]``, the aspect ratio kept as closely as possible. Raises ``ValueError`` past 200:1, as
-    transformers does (LLaMA-Factory's plugin pre-crops such images, see :func:`lf_image_size`)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(
-            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    """transformers' Qwen2-VL ``smart_resize`` with Qwen2-VL's defaults (:func:`mmdata.profiles.vision.smart_resize`,
+    the one implementation): both sides multiples of ``factor``, the area within ``[min_pixels, max_pixels]``.
+    Raises ``ValueError`` past 200:1, as transformers does (LLaMA-Factory's plugin pre-crops such images)."""
+    return vision.smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def qwen2vl_image_tokens(width: int, height: int, min_pixels: int = PROCESSOR_MIN_PIXELS,
@@ -81,45 +68,17 @@ def qwen2vl_image_tokens(width: int, height: int, min_pixels: int = PROCESSOR_MI
 
 def lf_image_size(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIXELS,
                   image_min_pixels: int = IMAGE_MIN_PIXELS) -> tuple[int, int]:
-    """The size LLaMA-Factory hands the processor: scaled into ``[image_min_pixels, image_max_pixels]`` (truncating
-    like its ``int(width * factor)``), then the Qwen2-VL plugin's fixes: sides at least 28, aspect ratio at most 180:1
-    once it passes 200:1 (LLaMA-Factory 0.9.5, ``mm_plugin.py``: ``MMPluginMixin._preprocess_image`` and
-    ``Qwen2VLPlugin._preprocess_image``). The result always passes transformers' ``smart_resize``.
-
-    Total over positive sizes: where LLaMA-Factory's shrink truncates a side to 0 pixels (a 3000x2 image at
-    ``image_max_pixels`` 1000: ``int(2 * 0.41) == 0``), LLaMA-Factory itself fails (PIL: "height and width must be
-    > 0"); that side counts as 1 pixel here so a count is always defined, and :func:`lf_image_problem` says that such
-    an image cannot be trained."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if width * height > image_max_pixels:
-        scale = math.sqrt(image_max_pixels / (width * height))
-        width, height = max(1, int(width * scale)), max(1, int(height * scale))
-    if width * height < image_min_pixels:
-        scale = math.sqrt(image_min_pixels / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    if min(width, height) < 28:
-        width, height = max(width, 28), max(height, 28)
-    if width / height > 200:
-        width = height * 180
-    if height / width > 200:
-        height = width * 180
-    return width, height
+    """The size LLaMA-Factory's Qwen2-VL plugin hands the processor (:func:`mmdata.profiles.vision.qwen_lf_resize`):
+    scaled into ``[image_min_pixels, image_max_pixels]`` (truncating like its ``int(width * factor)``), sides at
+    least 28, aspect ratio at most 180:1 once it passes 200:1. Total over positive sizes: a side LLaMA-Factory would
+    shrink to 0 pixels counts as 1 (:func:`lf_image_problem` says such an image cannot be trained)."""
+    return vision.qwen_lf_resize(width, height, image_max_pixels, image_min_pixels)
 
 
 def lf_image_problem(width: int, height: int, image_max_pixels: int = IMAGE_MAX_PIXELS) -> str | None:
-    """Why LLaMA-Factory cannot train on a ``width`` x ``height`` image at ``image_max_pixels``, or None.
-
-    Its shrink to ``image_max_pixels`` truncates each side (``int(side * factor)``): a side below ``1 / factor``
-    becomes 0 and PIL's resize raises, so the first batch holding the record stops the training run. Only very thin
-    images do this (a side of 1 or 2 pixels, an area above the budget)."""
-    if width * height <= image_max_pixels:
-        return None
-    scale = math.sqrt(image_max_pixels / (width * height))
-    if int(width * scale) >= 1 and int(height * scale) >= 1:
-        return None
-    return (f"image {width}x{height} is too thin for image_max_pixels {image_max_pixels}: LLaMA-Factory would shrink "
-            "a side to 0 pixels and stop training (PIL: height and width must be > 0)")
+    """Why LLaMA-Factory cannot train on a ``width`` x ``height`` image at ``image_max_pixels``, or None: its shrink
+    truncates a side below ``1 / factor`` to 0 and PIL's resize raises (:func:`mmdata.profiles.vision.lf_image_problem`)."""
+    return vision.lf_image_problem(width, height, image_max_pixels)
 
 
 def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, min_pixels: int = IMAGE_MIN_PIXELS,

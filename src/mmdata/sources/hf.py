@@ -22,6 +22,10 @@ a model nothing. ``shape`` turns conversation-shaped rows (sharegpt ``conversati
 
 ``split`` is one split or a list (``[train, validation, test]``): rows are the splits' rows in that order, and every
 row carries ``__split__``, its source split's name, for ``split: {from_source: true}``.
+
+Why over 400 lines: this is the one adapter behind every hub recipe, and its parts (local copies and their cache,
+the two hubs and their failure messages, split lists, label names, ``where:``) are all "load one hub dataset the
+way ``datasets`` would"; the tests patch ``hub_unreachable`` here, where the loaders call it.
 """
 
 from __future__ import annotations
