@@ -145,7 +145,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands that live next to their implementation; each registers its own arguments."""
-    for module, function in (("mmdata.check", "add_validate_command"), ("mmdata.lfconfig", "add_llamafactory_command"), ("mmdata.report", "add_report_command"),
+    for module, function in (("mmdata.check", "add_validate_command"), ("mmdata.lfconfig", "add_llamafactory_command"), ("mmdata.report", "add_report_command"), ("mmdata.leakage", "add_check_leakage_command"),
                              ("mmdata.train.cli", "add_train_commands")):
         try:
             mod = __import__(module, fromlist=[function])

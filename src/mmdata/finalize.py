@@ -4,6 +4,11 @@ register the datasets; also ``mmdata merge`` of shard builds.
 The split is drawn over *written* records, so ``val: 4`` gives exactly 4 validation records even when some rows were
 rejected. Each split becomes a folder of fixed-size JSONL shards (or one JSON array). Then rejects are concatenated,
 ``dataset_info.json`` is merged and the manifest ``mmdata_build.json`` is written last.
+
+A recipe with ``dedup`` or ``split.group_by`` finalises through :func:`_finalize_with_fingerprints` instead: the
+tasks' fingerprints decide which records are duplicates (dropped, each a reject line in input order) and which
+records must share a split, then the same writers run; see docs/quality.md. Every other build takes the path below,
+unchanged, byte for byte.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from typing import Any
 
 from ._version import __version__
 from .atomic import replaced_on_close, write_text_atomic
+from .dedup import DEDUP_REASONS, fingerprints_needed
 from .errors import BuildError, DatasetInfoError
 from .layout import MANIFEST, SPLITS, Layout, OutputLock, claim_output, read_json
-from .recipes import Recipe, Split
+from .recipes import NEAR_THRESHOLD, Recipe, Split
 from .task import TaskStats, token_budget
 from .writers.llamafactory import (
     dataset_info_entry,
     fill_optional_keys,
+    json_line,
     merge_dataset_info,
     optional_keys,
 )
@@ -47,6 +54,7 @@ class BuildResult:
     shard: tuple[int, int] = (0, 1)
     report: Path | None = None
     tokens: dict | None = None  # the manifest's token budget (estimated lengths vs LLaMA-Factory's cutoff_len)
+    leakage: dict | None = None  # val/test records sharing images or text with train (builds with fingerprints)
 
     @property
     def read(self) -> int:
@@ -76,8 +84,9 @@ class BuildResult:
         """Things worth a look in a build that did write records: a large share of rejected rows."""
         c = self.counts
         considered = c["read"] - c.get("skipped", 0)
-        if c["written"] and considered and c["rejected"] / considered > REJECT_WARNING:
-            return [f"{100 * c['rejected'] / considered:.1f}% of the rows were rejected ({_reasons(c)}); see "
+        failed = _failed(c)
+        if c["written"] and considered and failed / considered > REJECT_WARNING:
+            return [f"{100 * failed / considered:.1f}% of the rows were rejected ({_reasons(c)}); see "
                     f"{self.output_dir / 'rejects.jsonl'}, or set max_rejected to fail such builds"]
         return []
 
@@ -138,6 +147,8 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
     if missing:
         raise BuildError(f"{layout.root}: tasks {missing[:10]} are not finished; build the missing shards first")
     stats = _collect_stats(layout, range(num_tasks))
+    if fingerprints_needed(recipe):
+        return _finalize_with_fingerprints(layout, recipe, fingerprint, num_tasks, stats, strict)
     _concat_parts([layout.rejects_part(t) for t in range(num_tasks)], layout.root / "rejects.jsonl")
     if recipe.split.from_source:
         def labels() -> Iterator[str]:  # the source's own split of each staged record, in the same order
@@ -149,6 +160,12 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
     written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)], labels, splits,
                                    recipe.output.shard_size, recipe.output.format, _uniform_keys(stats))
+    return _register(layout, recipe, fingerprint, num_tasks, stats, written, keys, strict)
+
+
+def _register(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, stats: list[TaskStats],
+              written: Counter, keys: dict, strict: bool, quality: _Quality | None = None) -> BuildResult:
+    """Check ``--strict``/``max_rejected``, register the written splits, write the manifest (last)."""
     datasets: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     for split in SPLITS:
@@ -158,7 +175,7 @@ def finalize(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, s
         name = layout.dataset_name(split)
         entries[name] = dataset_info_entry(recipe.output.format, rel, keys[split])
         datasets[name] = {"split": split, "file_name": rel, "count": written[split]}
-    manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets)
+    manifest = _manifest(layout, recipe, fingerprint, num_tasks, stats, datasets, quality)
     counts = manifest["counts"]
     if strict:
         check_strict(layout, counts, f"nothing was registered in {layout.dataset_info}")
@@ -182,21 +199,28 @@ def _reasons(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts["rejected_by_reason"].items())
 
 
+def _failed(counts: dict) -> int:
+    """Rejected rows that failed, leaving out the records dedup dropped on purpose (duplicates, leaks): those are
+    rejects in the counts and in rejects.jsonl, but never fail ``--strict``/``max_rejected`` nor warn."""
+    return counts["rejected"] - sum(counts["rejected_by_reason"].get(r, 0) for r in DEDUP_REASONS)
+
+
 def check_strict(layout: Layout, counts: dict, what: str) -> None:
-    if counts["rejected"]:
-        raise BuildError(f"--strict: {counts['rejected']} record(s) rejected ({_reasons(counts)}); {what}; see "
+    if _failed(counts):
+        raise BuildError(f"--strict: {_failed(counts)} record(s) rejected ({_reasons(counts)}); {what}; see "
                          f"{layout.root / 'rejects.jsonl'}")
 
 
 def check_reject_limit(layout: Layout, counts: dict, limit: int | float | None) -> None:
     """``max_rejected``: a count (int) or a share of the rows considered (float < 1); above it nothing is registered."""
     considered = counts["read"] - counts.get("skipped", 0)
-    if limit is None or not counts["rejected"]:
+    failed = _failed(counts)
+    if limit is None or not failed:
         return
-    over = counts["rejected"] > limit if isinstance(limit, int) else counts["rejected"] > limit * considered
+    over = failed > limit if isinstance(limit, int) else failed > limit * considered
     if over:
         shown = f"{limit}" if isinstance(limit, int) else f"{100 * limit:g}% of {considered}"
-        raise BuildError(f"max_rejected: {counts['rejected']} of {considered} rows were rejected, more than {shown} "
+        raise BuildError(f"max_rejected: {failed} of {considered} rows were rejected, more than {shown} "
                          f"({_reasons(counts)}); nothing was registered in {layout.dataset_info}. See "
                          f"{layout.root / 'rejects.jsonl'}")
 
@@ -231,14 +255,20 @@ def _collect_stats(layout: Layout, tasks: Iterable[int]) -> list[TaskStats]:
 
 
 def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, stats: list[TaskStats],
-              datasets: dict) -> dict:
+              datasets: dict, quality: _Quality | None = None) -> dict:
     rejected, by_source = Counter(), Counter()
     for s in stats:
         rejected.update(s.rejected)
         by_source.update(s.by_source)
+    dropped = sum(quality.dropped.values()) if quality else 0
+    if quality:  # dedup's drops move from written to rejected
+        rejected.update(quality.dropped)
+        by_source.subtract(quality.dropped_by_source)
+        by_source = Counter({k: v for k, v in by_source.items() if v})
     skipped = read_json(layout.state / "skipped.json") or {}
     counts = {
-        "read": sum(s.read for s in stats) + sum(skipped.values()), "written": sum(s.written for s in stats),
+        "read": sum(s.read for s in stats) + sum(skipped.values()),
+        "written": sum(s.written for s in stats) - dropped,
         "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
         "by_split": {d["split"]: d["count"] for d in datasets.values()},
     }
@@ -252,9 +282,11 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     for s in stats:
         if s.tokens:
             budget.merge(token_budget(recipe, s.tokens))
-    tokens = {**budget.summary(), "max_answer": max((s.max_answer_tokens for s in stats), default=0),
-              "summary": budget.format()}
-    return {
+    max_answer = max((s.max_answer_tokens for s in stats), default=0)
+    if quality and quality.tokens is not None:  # recounted over the records kept
+        budget, max_answer = token_budget(recipe, quality.tokens), quality.max_answer
+    tokens = {**budget.summary(), "max_answer": max_answer, "summary": budget.format()}
+    manifest = {
         "mmdata_version": __version__,
         "name": recipe.name,
         "fingerprint": fingerprint,
@@ -267,13 +299,17 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
         "tokens": tokens,
         "recipe": recipe.model_dump(mode="json"),
     }
+    if quality:
+        manifest.update((key, quality.sections[key]) for key in ("dedup", "grouped_split", "leakage")
+                        if key in quality.sections)
+    return manifest
 
 
 def result_from_manifest(layout: Layout, manifest: dict, up_to_date: bool = False) -> BuildResult:
     datasets = {name: layout.dataset_info.parent / d["file_name"] for name, d in manifest["datasets"].items()}
     return BuildResult(layout.root, layout.dataset_info if datasets else None, datasets, manifest["counts"],
                        up_to_date=up_to_date, manifest=layout.root / MANIFEST, shard=tuple(manifest["shard"]),
-                       tokens=manifest.get("tokens"))
+                       tokens=manifest.get("tokens"), leakage=manifest.get("leakage"))
 
 
 def _concat_parts(parts: list[Path], dest: Path) -> None:
@@ -367,28 +403,247 @@ def _staged_lines(parts: list[Path]) -> Iterator[str]:
                 yield from f
 
 
-def _route_records(layout: Layout, parts: list[Path], labels: Callable[[], Iterator[str]], splits: list[str],
-                   shard_size: int, record_format: str, uniform: frozenset[str] | None = None):
+def _route_records(layout: Layout, parts: list[Path], labels: Callable[[], Iterator[str | None]], splits: list[str],
+                   shard_size: int, record_format: str, uniform: frozenset[str] | None = None,
+                   on_drop: Callable[[int, str], None] | None = None):
     """Stream staged records in input order into their splits; returns per-split counts and optional keys.
 
-    ``labels()`` gives the split of each staged record, in order (a fresh iterator per pass). ``uniform``: the
-    optional keys of every record, when the tasks found them all alike (the common case); otherwise a first pass
-    finds the keys each split has (see :class:`_SplitWriter`). The last pass writes."""
+    ``labels()`` gives the split of each staged record, in order (a fresh iterator per pass); ``None`` drops the
+    record (a duplicate), which the writing pass hands to ``on_drop(index, line)``. ``uniform``: the optional keys
+    of every record, when the tasks found them all alike (the common case); otherwise a first pass finds the keys
+    each split has (see :class:`_SplitWriter`). The last pass writes."""
     if uniform is not None:
         keys = dict.fromkeys(splits, uniform)
     else:
         seen: dict[str, set[frozenset[str]]] = {split: set() for split in splits}
         for line, split in zip(_staged_lines(parts), labels(), strict=False):  # the Splitter's labels never end
-            seen[split].add(optional_keys(line, record_format))
+            if split is not None:
+                seen[split].add(optional_keys(line, record_format))
         keys = {split: frozenset().union(*kinds) for split, kinds in seen.items()}
     writers = {split: _SplitWriter(layout.data_path(split), layout.file_format, shard_size, record_format,
                                    keys[split]) for split in splits}
-    for line, split in zip(_staged_lines(parts), labels(), strict=False):
+    for index, (line, split) in enumerate(zip(_staged_lines(parts), labels(), strict=False)):
+        if split is None:
+            on_drop(index, line)
+            continue
         writers[split].write(line)
     for writer in writers.values():
         writer.close()
     counts = Counter({split: w.count for split, w in writers.items() if w.count})
     return counts, keys
+
+
+@dataclass
+class _Quality:
+    """What dedup and grouped splits change in a manifest: records dropped (by reason and by source), the token
+    budget recounted over the kept records, and the manifest sections (``dedup``, ``leakage``, ``grouped_split``)."""
+
+    dropped: Counter
+    dropped_by_source: Counter
+    tokens: dict | None
+    max_answer: int
+    sections: dict
+
+
+_SPLIT_CODE = {split: code for code, split in enumerate(SPLITS)}
+_DUPLICATE_OF = {"exact": "the same conversation on the same image bytes", "image": "the same image bytes",
+                 "near": "the same image(s) up to near copies", "text": "the same conversation text"}
+
+
+def _finalize_with_fingerprints(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int,
+                                stats: list[TaskStats], strict: bool) -> BuildResult:
+    """``finalize`` for recipes with ``dedup`` or ``split.group_by``; everything is decided in input order from the
+    staged fingerprints, so any number of workers (and a resumed build) gives the same bytes.
+
+    1. duplicates: :func:`mmdata.dedup.find_duplicates` (the first occurrence is kept; ``dedup.against`` datasets
+       count as coming first, and a record repeating one of theirs is a ``leak``);
+    2. splits over the kept records: the seeded row split, the source's own splits, or whole groups
+       (:func:`mmdata.dedup.assign_groups`);
+    3. the split files, with the dropped records as reject lines merged into ``rejects.jsonl`` in input order;
+    4. the leakage of val/test into train, ``fingerprints.npz`` (for ``check-leakage`` and the report), then
+       registration and the manifest as for every build.
+    """
+    import numpy as np
+
+    from .dedup import (
+        assign_groups,
+        find_duplicates,
+        groups_by_image,
+        groups_by_value,
+        image_labels,
+        leak_matches,
+        load_task_fingerprints,
+    )
+
+    fp = load_task_fingerprints(layout, num_tasks)
+    if len(fp) != sum(s.written for s in stats):
+        raise BuildError(f"{layout.state}: the staged fingerprints do not match the staged records; rerun with "
+                         "--rebuild")
+    dedup = recipe.dedup
+    near = dedup is not None and dedup.mode == "near"
+    threshold = dedup.threshold if near else NEAR_THRESHOLD if recipe.split.group_by == "near" else None
+    reference, reference_names = None, []
+    if dedup is not None and dedup.against:
+        from .leakage import build_records_for_dedup
+
+        reference, reference_names = build_records_for_dedup(dedup.against, near, recipe.base_dir)
+    found = find_duplicates(fp, dedup.mode, dedup.threshold, reference.fp if reference else None) if dedup else None
+    dropped = found.dropped if found else np.zeros(len(fp), dtype=bool)
+    kept = np.flatnonzero(~dropped)
+    kept_fp = fp.take(kept)
+
+    codes = np.full(len(fp), -1, dtype=np.int8)  # per staged record: -1 dropped, else its split
+    sections: dict[str, Any] = {}
+    if recipe.split.from_source:
+        source_codes = np.array([_SPLIT_CODE[line.rstrip("\n")] for line in
+                                 _staged_lines([layout.split_labels(t) for t in range(num_tasks)])], dtype=np.int8)
+        codes[kept] = source_codes[kept]
+        splits = list(SPLITS)
+    elif recipe.split.group_by is not None:
+        k_val, k_test = _size(recipe.split.val, len(kept)), _size(recipe.split.test, len(kept))
+        if k_val + k_test > len(kept):
+            raise BuildError(f"split asks for {k_val} val + {k_test} test records but only {len(kept)} records were "
+                             "written; lower split.val/split.test or fix the rejected rows (see rejects.jsonl)")
+        if recipe.split.group_by in ("image", "near"):
+            if found is not None and found.labels is not None and (near or recipe.split.group_by == "image"):
+                labels = found.labels[fp.image_index(kept)]  # the clusters dedup found (near ones under dedup: near)
+            else:
+                labels = image_labels(kept_fp.image, kept_fp.phash if recipe.split.group_by == "near" else None,
+                                      threshold or 0)
+            groups = groups_by_image(kept_fp.offsets, labels)
+        else:
+            groups = groups_by_value(kept_fp.group, kept_fp.has_group)
+        codes[kept] = assign_groups(groups, kept_fp.position, k_val, k_test, recipe.split_seed)
+        sections["grouped_split"] = {"by": recipe.split.group_by, "groups": int(len(np.unique(groups))),
+                                     "asked": {"val": k_val, "test": k_test}}
+        splits = ["train"] + [s for c, s in ((1, "val"), (2, "test")) if (codes == c).any()]
+    else:
+        splitter = Splitter(recipe.split, len(kept), recipe.split_seed)
+        split_of_kept = np.zeros(len(kept), dtype=np.int8)
+        split_of_kept[list(splitter.val)] = 1
+        split_of_kept[list(splitter.test)] = 2
+        codes[kept] = split_of_kept
+        splits = ["train"] + [s for s, chosen in (("val", splitter.val), ("test", splitter.test)) if chosen]
+
+    code_list = codes.tolist()
+    staged_drops = layout.state / "dedup-rejects.jsonl"
+    with replaced_on_close(staged_drops) as staged:
+        drops = _DropRejects(staged, layout, fp, found, recipe, reference, reference_names)
+        written, keys = _route_records(layout, [layout.part(t) for t in range(num_tasks)],
+                                       lambda: (None if c < 0 else SPLITS[c] for c in code_list), splits,
+                                       recipe.output.shard_size, recipe.output.format, _uniform_keys(stats),
+                                       on_drop=drops.add)
+    task_rejects = [layout.rejects_part(t) for t in range(num_tasks)]
+    if dropped.any():
+        _merge_rejects(task_rejects, staged_drops, layout.root / "rejects.jsonl")
+    else:
+        _concat_parts(task_rejects, layout.root / "rejects.jsonl")
+
+    kept_codes = codes[kept].astype(np.uint8)
+    if recipe.split.enabled:
+        train, held = np.flatnonzero(kept_codes == 0), np.flatnonzero(kept_codes > 0)
+        matches = leak_matches(kept_fp.take(held), kept_fp.take(train), threshold)
+        sections["leakage"] = {kind: int((m >= 0).sum()) for kind, m in matches.items()}
+    index = np.zeros(len(kept), dtype=np.int64)
+    for c in range(len(SPLITS)):
+        index[kept_codes == c] = np.arange(int((kept_codes == c).sum()))
+    arrays = {"position": kept_fp.position, "split": kept_codes, "index": index, "text": kept_fp.text,
+              "offsets": kept_fp.offsets, "image": kept_fp.image}
+    if kept_fp.phash is not None:
+        arrays["phash"] = kept_fp.phash
+    arrays["mode"] = np.array(dedup.mode if dedup else "")
+    arrays["threshold"] = np.array(-1 if threshold is None else threshold, dtype=np.int64)
+    from .dedup import save_arrays
+    from .leakage import FINGERPRINTS
+
+    save_arrays(layout.root / FINGERPRINTS, arrays)
+
+    reasons = Counter()
+    by_source = Counter()
+    if found is not None:
+        reasons.update({"duplicate": int((found.duplicate_of >= 0).sum()), "leak": int((found.leak_of >= 0).sum())})
+        if fp.source is not None:
+            for code in fp.source[dropped].tolist():
+                if code >= 0 and fp.source_names[code]:
+                    by_source[fp.source_names[code]] += 1
+        sections["dedup"] = {"mode": dedup.mode, **({"threshold": dedup.threshold} if near else {}),
+                             "duplicates": reasons["duplicate"], "leaks": reasons["leak"],
+                             **({"against": list(dedup.against)} if dedup.against else {})}
+    reasons = Counter({k: v for k, v in reasons.items() if v})
+    tokens, max_answer = None, 0
+    if dropped.any():
+        tokens, max_answer = _kept_tokens(recipe, kept_fp.tokens), int(kept_fp.answer_tokens.max(initial=0))
+    quality = _Quality(reasons, by_source, tokens, max_answer, sections)
+    return _register(layout, recipe, fingerprint, num_tasks, stats, written, keys, strict, quality)
+
+
+def _kept_tokens(recipe: Recipe, lengths) -> dict:
+    """The token budget (its JSON form) of the records kept, from their per-record lengths."""
+    import numpy as np
+
+    budget = token_budget(recipe)
+    buckets, counts = np.unique(lengths // budget.bucket, return_counts=True)
+    return {"count": int(len(lengths)), "over": int((lengths > budget.cutoff_len).sum()),
+            "max": int(lengths.max(initial=0)), "total": int(lengths.sum()),
+            "hist": {str(int(b)): int(n) for b, n in zip(buckets, counts, strict=True)}}
+
+
+class _DropRejects:
+    """Writes the reject lines of the records dedup drops, in input order, to ``out`` (staged in
+    ``.mmdata/dedup-rejects.jsonl``): position, id, reason (``duplicate`` or ``leak``), message, what it repeats and
+    its images (the files stay in ``images/``, where the report shows them beside the record kept)."""
+
+    def __init__(self, out, layout: Layout, fp, found, recipe: Recipe, reference, reference_names: list[str]):
+        self._file, self.layout, self.fp, self.found, self.recipe = out, layout, fp, found, recipe
+        self.reference, self.reference_names = reference, reference_names
+        self._ids: tuple[int, Any] | None = None
+
+    def _record_id(self, index: int):
+        import numpy as np
+
+        from .dedup import TaskRecordIds
+
+        task = int(np.searchsorted(self.fp.task_starts, index, side="right") - 1)
+        if self._ids is None or self._ids[0] != task:
+            self._ids = (task, TaskRecordIds(self.layout, task))
+        return self._ids[1][index - int(self.fp.task_starts[task])]
+
+    def add(self, index: int, line: str) -> None:
+        fp, found, dedup = self.fp, self.found, self.recipe.dedup
+        entry: dict[str, Any] = {"position": int(fp.position[index]), "id": self._record_id(index)}
+        what = _DUPLICATE_OF[dedup.mode] + (f" (pHash within {dedup.threshold} bits)" if dedup.mode == "near" else "")
+        if found.duplicate_of[index] >= 0:
+            original = int(fp.position[found.duplicate_of[index]])
+            entry.update(reason="duplicate", message=f"duplicate: {what} as the record of row {original} (dedup: "
+                                                     f"{dedup.mode})", duplicate_of=original)
+        else:
+            ref = int(found.leak_of[index])
+            name = self.reference_names[int(self.reference.dataset[ref])]
+            at = int(self.reference.index[ref])
+            entry.update(reason="leak", message=f"leak: {what} as record {at} of {name} (dedup.against)",
+                         leaks_into={"dataset": name, "index": at})
+        if fp.source is not None and fp.source[index] >= 0 and fp.source_names[fp.source[index]]:
+            entry["source"] = fp.source_names[fp.source[index]]
+        images = json.loads(line).get("images") if '"images":' in line else None
+        if images:
+            entry["images"] = images
+        self._file.write(json_line(entry) + "\n")
+
+
+def _merge_rejects(parts: list[Path], dropped: Path, dest: Path) -> None:
+    """``rejects.jsonl``: the tasks' reject lines and dedup's, merged by input position (both are in order)."""
+    import heapq
+
+    def lines(paths: list[Path]) -> Iterator[tuple[int, str]]:
+        for path in paths:
+            if path.exists():
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        yield json.loads(line)["position"], line
+
+    with replaced_on_close(dest) as out:
+        for _, line in heapq.merge(lines(parts), lines([dropped]), key=lambda item: item[0]):
+            out.write(line)
 
 
 def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], strict: bool = False) -> BuildResult:

@@ -91,7 +91,7 @@ class Layout:
         """Everything a build of this layout may create at the top of its folder: recorded in its state before any
         of it is written, it is all a later build may remove or replace."""
         return [*(self.data_path(s) for s in (SPLITS if self.split_enabled else SPLITS[:1])), self.root / "images",
-                self.root / "rejects.jsonl", self.root / MANIFEST, self.state]
+                self.root / "rejects.jsonl", self.root / "fingerprints.npz", self.root / MANIFEST, self.state]
 
 
 def read_manifest(build_dir: str | os.PathLike, error: type[MmdataError] = BuildError) -> dict:
@@ -316,7 +316,7 @@ def _state_from_manifest(manifest: dict | None) -> dict | None:
     files = [os.path.normpath(os.path.join(root_rel, d["file_name"])) for d in datasets.values()
              if isinstance(d, dict) and isinstance(d.get("file_name"), str)]
     return {"name": output.get("name") or manifest["recipe"].get("name"), "fingerprint": manifest["fingerprint"],
-            "owned": [*files, "images", "rejects.jsonl", MANIFEST, STATE_DIR]}
+            "owned": [*files, "images", "rejects.jsonl", "fingerprints.npz", MANIFEST, STATE_DIR]}
 
 
 def write_state(layout: Layout, fingerprint: str) -> None:

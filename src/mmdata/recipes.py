@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import RecipeError
 
@@ -46,6 +55,18 @@ class Fields(_Strict):
     answer: str | None = Field(None, description="column holding the assistant's answer")
     messages: str | None = Field(None, description="column holding a whole conversation (sharegpt-like list)")
     system: str | None = Field(None, description="column holding a per-record system prompt")
+
+
+class Boxes(_Strict):
+    """Grounding boxes in a column, written in the recipe's ``model`` convention and text form where ``{boxes}``
+    stands in the prompt or answer (or with ``fields.answer: boxes``); see :mod:`mmdata.grounding`."""
+
+    column: str = Field(..., description="column holding a box [x1, y1, x2, y2] (or [x, y, w, h]), a list of boxes, "
+                                         "or {bbox, label} objects")
+    convention: Literal["pixels", "relative", "thousand"] = Field(
+        "pixels", description="the source's coordinates: pixels of the original image, 0-1, or 0-1000")
+    layout: Literal["xyxy", "xywh"] = Field("xyxy", description="xywh: COCO-style top-left corner plus size")
+    label: str | None = Field(None, description="column holding the label (or a list, one per box)")
 
 
 class Filters(_Strict):
@@ -94,6 +115,29 @@ class Split(_Strict):
         False, description="use the source's own splits (a hub dataset's train/validation/test): each row goes to the "
                            "split its source split names (validation/valid/dev -> val); val/test must then be 0"
     )
+    group_by: str | None = Field(
+        None, description="keep records together in one split: `image` (records sharing an image; its near copies "
+                          "too under dedup: near), `near` (an image or a near copy of it) or a raw row field"
+    )
+
+    @model_validator(mode="after")
+    def _groups_need_a_drawn_split(self) -> Split:
+        if self.group_by is not None:
+            if self.from_source:
+                raise ValueError("split.group_by draws val/test itself; it cannot be combined with split.from_source")
+            if self.pick == "last":
+                raise ValueError("split.group_by picks whole groups at random (seeded); leave split.pick at random")
+            if not (self.val or self.test):
+                raise ValueError("split.group_by needs split.val or split.test to fill")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_grouping(self, handler):
+        # A split without group_by dumps as before it existed: same manifests, same build fingerprints.
+        data = handler(self)
+        if self.group_by is None and isinstance(data, dict):
+            data.pop("group_by", None)
+        return data
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> Split:
@@ -111,6 +155,36 @@ class Split(_Strict):
     @property
     def enabled(self) -> bool:
         return bool(self.val) or bool(self.test) or self.from_source
+
+
+#: ``dedup.threshold`` default: bits of 64 (measured in docs/quality.md; mmdata.dedup.NEAR_THRESHOLD).
+NEAR_THRESHOLD = 10
+
+
+class Dedup(_Strict):
+    """Drop duplicate records at finalize (each becomes a reject with reason ``duplicate``); see docs/quality.md."""
+
+    mode: Literal["exact", "image", "near", "text"] = Field(
+        "exact", description="exact: same text and image bytes; image: same image bytes; near: same images up to "
+                             "resized/re-encoded copies (perceptual hash); text: same normalised conversation")
+    threshold: int = Field(NEAR_THRESHOLD, ge=0, le=32,
+                           description="near: largest pHash distance (bits of 64) between copies")
+    against: list[str] = Field(
+        default_factory=list, description="other builds or dataset_info.json files (PATH or PATH#name,name): "
+                                          "records repeating one of theirs are dropped (reason leak)")
+
+    @model_validator(mode="after")
+    def _threshold_is_for_near(self) -> Dedup:
+        if "threshold" in self.model_fields_set and self.mode != "near":
+            raise ValueError(f"dedup.threshold only applies to mode near (mode is {self.mode})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _threshold_only_for_near(self, handler):
+        data = handler(self)  # dumped recipes (manifests, merge) validate again: no threshold outside near
+        if self.mode != "near" and isinstance(data, dict):
+            data.pop("threshold", None)
+        return data
 
 
 class Output(_Strict):
@@ -151,6 +225,7 @@ class Recipe(_Strict):
         None, description="user text template ({column} placeholders); a list picks one per record, seeded"
     )
     system: str | None = Field(None, description="system prompt for every record")
+    boxes: Boxes | None = Field(None, description="grounding boxes written for the target model (see Boxes)")
 
     @field_validator("prompt")
     @classmethod
@@ -177,6 +252,21 @@ class Recipe(_Strict):
     filters: Filters = Filters()
     images: ImageOptions = ImageOptions()
     split: Split = Split()
+    dedup: Dedup | None = Field(
+        None, description="drop duplicates: exact | image | near | text (the mode alone), or {mode, threshold, against}")
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_mode_alone(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _without_unset_dedup(self, handler):
+        # A recipe without dedup dumps as before it existed: same manifests, same build fingerprints.
+        data = handler(self)
+        if self.dedup is None and isinstance(data, dict):
+            data.pop("dedup", None)
+        return data
     output: Output
     for_prediction: bool = Field(False, description="allow empty answers (sets built only for prediction)")
     num_proc: int | None = Field(None, gt=0, description="worker processes (default: all cores)")

@@ -1,8 +1,8 @@
 """The build summary printed at the end of every build: where the data is, what was read, written and rejected.
 
 One headline (``read N  written N  rejected N``, and ``skipped N`` for rows a ``where:`` left out) and a table of the same exact counts from the manifest: datasets per
-split, records per source (mixtures), rejects per reason with their share of the rows read, the token budget, then the
-files to open.
+split, records per source (mixtures), rejects per reason with their share of the rows read, the token budget, the
+grouped split and leakage lines of builds with ``dedup``/``split.group_by``, then the files to open.
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ def format_summary(result) -> str:
     tokens = getattr(result, "tokens", None)
     if tokens and tokens.get("records"):
         lines.append(f"  {tokens['summary']}")
+    grouped = _manifest_section(result, "grouped_split")
+    if grouped:
+        asked = ", ".join(f"{s} {n:,}" for s, n in grouped["asked"].items() if n)
+        lines.append(f"  split grouped by {grouped['by']}: {grouped['groups']:,} groups kept whole (asked {asked})")
+    leakage = getattr(result, "leakage", None)
+    if leakage is not None:
+        found = ", ".join(f"{kind.replace('_', ' ')} {n:,}" for kind, n in leakage.items())
+        lines.append(f"  leakage: val/test records sharing with train: {found}"
+                     + (f" (examples: mmdata check-leakage {result.output_dir})" if any(leakage.values()) else ""))
     if result.dataset_info:
         lines.append(f"  dataset_info: {result.dataset_info}")
     if c["rejected"]:
@@ -50,6 +59,14 @@ def format_summary(result) -> str:
     if getattr(result, "report", None):
         lines.append(f"  report: {result.report}")
     return "\n".join(lines)
+
+
+def _manifest_section(result, key: str):
+    """A section of the build's manifest (``grouped_split``), or None."""
+    try:
+        return json.loads(result.manifest.read_text(encoding="utf-8")).get(key)
+    except (AttributeError, OSError, ValueError, TypeError):
+        return None
 
 
 def _dataset_splits(result) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """One task of a build: its rows -> samples -> images -> staged record lines, rejects and stats.
 
 Task ``k`` owns rows ``[k*size, (k+1)*size)`` and writes only its own files (``.mmdata/parts/part-0000k.jsonl``, its
-images, its rejects), then a completion marker, last. Everything it writes depends only on its rows and the recipe,
+images, its rejects, and the records' fingerprints when the recipe dedups or groups), then a completion marker,
+last. Everything it writes depends only on its rows and the recipe,
 so any engine and any number of workers give the same bytes, and a killed task is simply redone.
 """
 
@@ -21,7 +22,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from .atomic import write_text_atomic
+from .dedup import (
+    RecordPrint,
+    TaskFingerprints,
+    fingerprints_needed,
+    image_key_of_digest,
+    image_key_of_file,
+    perceptual_hash,
+    task_fingerprints_path,
+    text_key,
+    value_key,
+)
 from .errors import BuildError, SampleError
+from .grounding import BOXES_SLOT, boxes_text, fill_boxes
 from .images import convert_image, inspect_image
 from .layout import Layout
 from .normalize import Draft, normalize_row
@@ -101,6 +114,8 @@ class _PreparedImage:
     width: int
     height: int
     digest: str  # names the stored file: sha256 of the bytes written (of the resolved path for a linked file)
+    original_width: int = 0  # the size before images: convert (what source coordinates refer to)
+    original_height: int = 0
 
 
 def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | RowRange) -> TaskStats:
@@ -114,20 +129,25 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
     lines: list[str] = []
     rejects: list[str] = []
     labels: list[str] = []  # split.from_source: the source split of each line
+    prints = TaskFingerprints() if fingerprints_needed(ctx.recipe) else None
+    phashes: dict[int, tuple] = {}  # image key -> its pHashes in this task (images repeat under several questions)
     for position, row in rows:
         stats.read += 1
         source_name = row.pop("__source__", None) if isinstance(row, dict) else None
         source_split = row.pop("__split__", None) if isinstance(row, dict) else None
         try:
-            line, sample, sizes = _process_row(ctx, task, position, row)
+            line, sample, sizes, fingerprint = _process_row(ctx, task, position, row,
+                                                            phashes if prints is not None else None)
             if ctx.recipe.split.from_source:
                 labels.append(build_split(source_split))
             lines.append(line)
             stats.key_sets.add(optional_keys(line, ctx.recipe.output.format))
             turns = [(m.role, m.content) for m in sample.messages]
-            budget.add(turns, sizes)
-            stats.max_answer_tokens = max([stats.max_answer_tokens, *(
-                budget.counter.text(content) for role, content in turns if role == "assistant")])
+            tokens = budget.add(turns, sizes)
+            answer_tokens = max([0, *(budget.counter.text(content) for role, content in turns if role == "assistant")])
+            stats.max_answer_tokens = max(stats.max_answer_tokens, answer_tokens)
+            if prints is not None:
+                prints.add(position, fingerprint, tokens, answer_tokens, _record_id(row, ctx.fields), source_name)
         except SampleError as e:
             stats.rejected[e.kind] += 1
             rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
@@ -148,17 +168,26 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
     _write_lines(layout.rejects_part(task), rejects)
     if ctx.recipe.split.from_source:
         _write_lines(layout.split_labels(task), labels)
+    if prints is not None:
+        prints.save(task_fingerprints_path(layout, task), near=_near(ctx.recipe),
+                    grouped=ctx.recipe.split.group_by not in (None, "image", "near"))
     marker = layout.marker(task)
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps(stats.to_json()))
     return stats
 
 
-def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple[str, Sample, list[tuple[int, int]]]:
-    """The line written for one row, its sample, and the sizes of its images."""
+def _process_row(ctx: TaskContext, task: int, position: int, row: dict, phashes: dict[int, tuple] | None = None
+                 ) -> tuple[str, Sample, list[tuple[int, int]], RecordPrint | None]:
+    """The line written for one row, its sample, the sizes of its images and, given a pHash cache (the recipe dedups
+    or groups), its fingerprints, computed before any image is stored (an image that cannot be hashed rejects the
+    row)."""
     recipe, layout = ctx.recipe, ctx.layout
-    draft = normalize_row(row, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
+    rendered = {**row, "boxes": BOXES_SLOT} if recipe.boxes else row  # filled in once the image size is known
+    draft = normalize_row(rendered, position, recipe, ctx.fields, ctx.image_root, ctx.allowed_roots)
     prepared = [_prepare_image(ref, recipe) for ref in draft.images]
+    if recipe.boxes:
+        _write_boxes(recipe, row, draft, prepared)
     _apply_filters(recipe, draft, prepared)
     image_rels = [layout.image_rel(img.digest, img.extension) for img in prepared]
     try:
@@ -169,12 +198,62 @@ def _process_row(ctx: TaskContext, task: int, position: int, row: dict) -> tuple
         )
     except ValidationError as e:
         raise SampleError("invalid sample: " + "; ".join(_short(err) for err in e.errors()), kind="invalid sample") from None
+    fingerprint = None if phashes is None else _fingerprint(ctx, row, sample, prepared, phashes)
     for img, path in zip(prepared, (layout.root / rel for rel in image_rels), strict=True):
         if img.data is None:  # a file linked, never read whole: relinked every time (it may have been edited)
             _store_image(path, task, link=img.ref_path)
         elif not path.exists():  # content-addressed: an image that exists is this one, complete (renamed into place)
             _store_image(path, task, data=img.data)
-    return record_json(sample, recipe.output.format), sample, [(img.width, img.height) for img in prepared]
+        else:  # another task stored it meanwhile: a temporary this task left when it was killed must not stay
+            path.with_name(f"{path.name}.{task}.tmp").unlink(missing_ok=True)
+    return (record_json(sample, recipe.output.format), sample, [(img.width, img.height) for img in prepared],
+            fingerprint)
+
+
+def _near(recipe: Recipe) -> bool:
+    """Perceptual hashes are computed for ``dedup: near`` and ``split.group_by: near`` only (a decode per image)."""
+    return (recipe.dedup is not None and recipe.dedup.mode == "near") or recipe.split.group_by == "near"
+
+
+def _fingerprint(ctx: TaskContext, row: Any, sample: Sample, prepared: list[_PreparedImage],
+                 phashes: dict[int, tuple]) -> RecordPrint:
+    """Content hash of each image (the stored file's name where bytes were read; a linked file's bytes are read and
+    hashed here, only when fingerprints are on), the text key, the pHashes for ``dedup: near``, the group key."""
+    keys, hashes = [], []
+    near = _near(ctx.recipe)
+    for img in prepared:
+        source = img.data if img.data is not None else img.ref_path
+        try:
+            key = image_key_of_digest(img.digest) if img.data is not None else image_key_of_file(img.ref_path)
+            keys.append(key)
+            if near:
+                if key not in phashes:
+                    phashes[key] = perceptual_hash(source)
+                hashes.append(phashes[key])
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only the row's image is read here (PIL raises many types, OSError too)
+            raise SampleError(f"image unreadable: cannot read or decode it for its fingerprint ({type(e).__name__}: "
+                              f"{e}) [{img.ref_path or 'embedded bytes'}]", kind="image unreadable") from None
+    group = ctx.recipe.split.group_by
+    return RecordPrint(text_key((m.role, m.content) for m in sample.messages), keys, hashes if near else None,
+                       value_key(row.get(group) if isinstance(row, dict) else None)
+                       if group not in (None, "image", "near") else None)
+
+
+def _write_boxes(recipe: Recipe, row: dict, draft: Draft, prepared: list[_PreparedImage]) -> None:
+    """``boxes:``: the row's boxes, in the recipe model's form for its first image, into ``{boxes}``."""
+    spec = recipe.boxes
+    if not prepared:
+        raise SampleError("boxes: the record has no image to place its boxes on", kind="bad boxes")
+    if spec.column not in row:
+        raise SampleError(f"boxes.column is {spec.column!r} but the row has no such column", kind="bad boxes")
+    profile = load_profile(recipe.model)
+    image = prepared[0]
+    text = boxes_text(row[spec.column], row.get(spec.label) if spec.label else None, spec,
+                      (image.original_width, image.original_height), (image.width, image.height), profile,
+                      recipe.images.max_pixels or profile.lf.image_max_pixels)
+    fill_boxes(draft.messages, text)
 
 
 def _short(err: dict) -> str:
@@ -198,10 +277,10 @@ def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
         raise SampleError(f"cannot read image {ref.path}: {e.strerror}", kind="image unreadable") from None
     try:
         if opts.mode == "convert":
-            inspect_image(data, "header")
+            original = inspect_image(data, "header")
             data, info = convert_image(data, opts.max_pixels, opts.format, opts.quality)
         else:
-            info = inspect_image(data, opts.verify)
+            original = info = inspect_image(data, opts.verify)
     except SampleError as e:
         raise SampleError(f"{e} [{ref.path or 'embedded bytes'}]", kind="image unreadable") from None
     problem = lf_image_problem(info.width, info.height, opts.max_pixels or IMAGE_MAX_PIXELS)
@@ -212,7 +291,7 @@ def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
     else:  # a file to link is named after its resolved path: the same file is one link, and its bytes stay unread
         digest = hashlib.sha256(b"link\0" + os.fsencode(os.path.realpath(data))).hexdigest()[:32]
     return _PreparedImage(ref.path, data if isinstance(data, bytes) else None, info.extension, info.width, info.height,
-                          digest)
+                          digest, original.width, original.height)
 
 
 def _store_image(path: Path, task: int, data: bytes | None = None, link: Path | None = None) -> None:
@@ -273,13 +352,18 @@ def build_split(source_split: str | None) -> str:
     return split
 
 
-def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:
+def _record_id(row: Any, fields: dict) -> str | int | float | None:
+    """The id a reject line names a row by: the ``id`` field's value when it is a string or a number."""
     record_id = None
     if isinstance(row, dict):
         record_id = row.get(fields.get("id") or "id")
         if not isinstance(record_id, (str, int, float)) or isinstance(record_id, bool):
             record_id = None
-    entry = {"position": position, "id": record_id, "reason": kind, "message": message}
+    return record_id
+
+
+def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:
+    entry = {"position": position, "id": _record_id(row, fields), "reason": kind, "message": message}
     if source:
         entry["source"] = source
     return json_line(entry)
