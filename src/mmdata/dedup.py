@@ -26,6 +26,10 @@ result is the same for any number of workers:
 
 64-bit keys collide by chance with probability about ``n**2 / 2**65`` (1.7e-5 at 25M distinct texts): a collision
 would drop one record as a duplicate it is not. That is the price of 8 bytes per key; say so if it matters to you.
+
+Why over 400 lines: the fingerprints, the near-duplicate index and the grouping are one job (decide, from the
+fingerprints, which records are duplicates and which must share a split); each part is a pure function over numpy
+arrays with its own docstring and test.
 """
 
 from __future__ import annotations

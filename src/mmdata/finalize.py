@@ -9,6 +9,10 @@ A recipe with ``dedup`` or ``split.group_by`` finalises through :func:`_finalize
 tasks' fingerprints decide which records are duplicates (dropped, each a reject line in input order) and which
 records must share a split, then the same writers run; see docs/quality.md. Every other build takes the path below,
 unchanged, byte for byte.
+
+Why over 400 lines: finalising is one ordered job (route, write, account, register, then the manifest last), and
+the fingerprint path shares its writers and accounting; the split shard writer (``_SplitWriter``) is the piece to
+move out when a second output format arrives.
 """
 
 from __future__ import annotations
