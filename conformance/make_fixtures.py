@@ -80,13 +80,23 @@ def make_source(root: Path) -> Path:
     ordered = [r for r in records if "images" in r][:10] + [r for r in records if "images" not in r]
     (root / "mixed.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered),
                                       encoding="utf-8")
+    # LLaVA-1.5 / ShareGPT4V layout: a JSON array, a singular "image", from/value turns, <image> where LLaVA puts it
+    # (first or last), text-only turns mixed in; it must build with no `fields:` and keep every image record.
+    llava = []
+    for i, name in enumerate(sorted(images)[:9]):
+        question = "<image>\nWhat is shown?" if i % 2 else "Describe this picture.\n<image>"
+        llava.append({"id": f"llava-{i}", "image": f"images/{name}", "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": f"Picture {i}."}]})
+    llava.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."},
+                                                        {"from": "gpt", "value": "Hi."}]})
+    (root / "llava.json").write_text(json.dumps(llava, ensure_ascii=False), encoding="utf-8")
     return path
 
 
 def recipe(root: Path, name: str, source: Path, data: Path, split: bool = True, **output) -> Path:
     spec = {
         "name": name,
-        "source": {"type": "jsonl", "path": str(source)},
+        "source": {"type": "json" if source.suffix == ".json" else "jsonl", "path": str(source)},
         "split": {"val": 4, "test": 3, "seed": 1} if split else {},
         "output": {"dir": str(data / name), "dataset_info": str(data / "dataset_info.json"), **output},
     }
@@ -162,6 +172,7 @@ def main(work: str) -> None:
         "shapes_alpaca": recipe(recipes, "shapes_alpaca", source, data, format="alpaca"),
         "mixed_shards": recipe(recipes, "mixed_shards", source.parent / "mixed.jsonl", data, split=False,
                                shard_size=10),
+        "llava_json": recipe(recipes, "llava_json", source.parent / "llava.json", data, split=False),
     }
     results = {name: mmdata.build(str(path), quiet=True) for name, path in builds.items()}
     results["latex_ocr_sample"] = mmdata.build("latex_ocr_sample", quiet=True,
