@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ def jpeg_bytes(size=(32, 24), color=(200, 30, 30)) -> bytes:
 def png_bytes(size=(20, 20), color=(0, 120, 255)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar archive holding ``members`` (name -> bytes), made in memory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -8,9 +8,7 @@ Nothing here touches the network: a local ``source.path`` skips the hubs, and th
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
-import tarfile
 
 import datasets
 import httpx
@@ -20,7 +18,7 @@ import requests
 import yaml
 import zstandard
 from huggingface_hub.errors import GatedRepoError
-from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir
+from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir, tar_bytes
 
 import mmdata
 from mmdata.cli import main
@@ -264,16 +262,6 @@ def test_medtrinity_demo_on_a_local_copy(tmp_path):
         assert record["messages"] == [{"role": "user", "content": MEDTRINITY_PROMPT},
                                       {"role": "assistant", "content": row["caption"]}]
         assert (result.output_dir / record["images"][0]).read_bytes() == row["image"]["bytes"]
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture

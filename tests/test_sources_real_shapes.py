@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tarfile
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import yaml
 import zstandard
 from PIL import Image
-from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir, write_recipe
+from tests.conftest import jpeg_bytes, png_bytes, read_jsonl_dir, tar_bytes, write_recipe
 
 import mmdata
 from mmdata.errors import RecipeError, SourceError
@@ -697,18 +696,6 @@ def test_builtin_recipes_with_hub_splits_build_from_a_local_copy(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- 7. image_join
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture
