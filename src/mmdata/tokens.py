@@ -1,14 +1,12 @@
-"""Token budget of a record as LLaMA-Factory feeds it to Qwen2-VL: text, chat template and image tokens vs ``cutoff_len``.
+"""Token budget of a record as LLaMA-Factory feeds it to the model: text, chat template and image tokens vs
+``cutoff_len``.
 
-Pure functions plus one small accumulator, so the build summary and ``mmdata validate`` count the same way:
-
-- images: LLaMA-Factory first shrinks/grows an image to ``image_max_pixels``/``image_min_pixels`` (its Qwen2-VL
-  plugin's ``_preprocess_image``), then the processor's ``smart_resize`` (copied from transformers'
-  ``image_processing_qwen2_vl``) snaps it to multiples of 28 within ``min_pixels``/``max_pixels``; every 28x28 block
-  is one ``<|image_pad|>`` token (14-pixel patches, 2x2 merged), wrapped in ``<|vision_start|>``/``<|vision_end|>``;
-- text: exact with a tokenizer; without one, :func:`estimate_text_tokens`, which says it is an estimate;
-- template: Qwen2-VL's ``<|im_start|>role\\n ... <|im_end|>\\n`` around every turn, and LLaMA-Factory's default system
-  prompt when the record has none.
+Pure functions plus one small accumulator, so the build summary, ``mmdata validate``, ``mmdata report`` and
+``mmdata llamafactory`` count the same way. What depends on the model (its chat template, default system prompt,
+image rule, wrapper tokens) comes from a :class:`~mmdata.profiles.ModelProfile` (Qwen2-VL unless told otherwise);
+this module adds how text is counted (exact with a tokenizer; without one, :func:`estimate_text_tokens`, which says
+it is an estimate) and the Qwen2-VL image functions older callers use (:func:`image_tokens`, :func:`smart_resize`,
+:func:`lf_image_size`: thin wrappers over the profile rules).
 
 :class:`TokenBudget` keeps a fixed-width histogram, never the lengths themselves: memory does not grow with the
 number of records, and the suggested cutoff is exact to one bucket (rounded up, so it never under-suggests).
@@ -39,12 +37,11 @@ MERGE_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE  # 28
 
 # Qwen2-VL chat template, as LLaMA-Factory's ``qwen2_vl`` template writes it (token counts of the Qwen2 tokenizer):
-#   "<|im_start|>" role "\n" content "<|im_end|>" "\n"   -> 3 tokens before the content, 2 after.
+#   "<|im_start|>" role "\n" content "<|im_end|>" "\n"   -> 3 tokens before the content, 2 after; the default system
+# prompt "You are a helpful assistant." is 6. The qwen2_vl profile holds the same numbers; the tests check it does.
 TURN_OVERHEAD = 5
 LF_CUTOFF_LEN = 2048  # LLaMA-Factory's default cutoff_len, what a build's summary measures against
-DEFAULT_SYSTEM = "You are a helpful assistant."
-DEFAULT_SYSTEM_TOKENS = 6  # its length in Qwen2 tokens
-VISION_WRAPPER = 2  # <|vision_start|> ... <|vision_end|>
+DEFAULT_SYSTEM_TOKENS = 6
 
 
 # ------------------------------------------------------------------------------------------------------ images
@@ -85,7 +82,7 @@ def image_tokens(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS, mi
                  processor_min_pixels: int = PROCESSOR_MIN_PIXELS,
                  processor_max_pixels: int = PROCESSOR_MAX_PIXELS) -> int:
     """Image tokens of one image in LLaMA-Factory training: ``max_pixels``/``min_pixels`` are LLaMA-Factory's
-    ``image_max_pixels``/``image_min_pixels``; the wrapper tokens are not included (see :data:`VISION_WRAPPER`)."""
+    ``image_max_pixels``/``image_min_pixels``; the two wrapper tokens ``<|vision_start|>``/``<|vision_end|>`` are not included."""
     w, h = lf_image_size(width, height, max_pixels, min_pixels)
     return qwen2vl_image_tokens(w, h, processor_min_pixels, processor_max_pixels)
 
