@@ -36,6 +36,7 @@ from .errors import BuildError, DatasetInfoError
 from .layout import MANIFEST, SPLITS, Layout, OutputLock, claim_output, read_json
 from .recipes import NEAR_THRESHOLD, Recipe, Split
 from .task import TaskStats, token_budget
+from .tokens import TokenBudget
 from .writers.llamafactory import (
     dataset_info_entry,
     fill_optional_keys,
@@ -285,7 +286,7 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     budget = token_budget(recipe)
     for s in stats:
         if s.tokens:
-            budget.merge(token_budget(recipe, s.tokens))
+            budget.merge(TokenBudget.from_json(s.tokens))  # only the counts merge: no counter (profile) per task
     max_answer = max((s.max_answer_tokens for s in stats), default=0)
     if quality and quality.tokens is not None:  # recounted over the records kept
         budget, max_answer = token_budget(recipe, quality.tokens), quality.max_answer
