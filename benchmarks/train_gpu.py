@@ -1,20 +1,21 @@
-"""GPU benchmark of ``mmdata train`` against a re-implementation of the tutorial's Qwen2-VL LoRA script.
+"""GPU benchmark of ``mmdata train`` against LLaMA-Factory's own trainer and the tutorial's Qwen2-VL LoRA script.
 
 Model: the exact Qwen2-VL-2B-Instruct architecture with random bf16 weights and a tokenizer whose special tokens
-have the real ids (no weights can be downloaded where this runs). Data: LaTeX-OCR-shaped (wide formula images,
-~100-token answers) and MedTrinity-shaped (512x512 images, ~150-word captions) build folders written by
-``prepare``. Both pipelines train with the tutorial's hyperparameters (LoRA r=64, alpha=16, dropout 0.05 on
-q/k/v/o/gate/up/down; 16 samples per optimizer step; gradient checkpointing; bf16; lr 1e-4).
+have the real ids (no weights can be downloaded where this runs). Data: LaTeX-OCR-shaped (500x100 formula images,
+~100-token answers) and MedTrinity-shaped (512x512 scans, ~150-word captions) sources, each turned into one real
+``mmdata build`` that every contender trains on; ``mmdata llamafactory`` writes LLaMA-Factory's YAML for it.
+Setting, equal for all: LoRA r=64, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down; 16 samples per optimizer step;
+gradient checkpointing; bf16; lr 1e-4 (linear schedule, no warm-up); the build's cutoff_len.
 
-    python benchmarks/train_gpu.py prepare --root /tmp/bench
-    python benchmarks/train_gpu.py single  --root /tmp/bench --out results      # 1 GPU: tutorial vs mmdata
+    python benchmarks/train_gpu.py prepare --root /tmp/bench --n 256
+    python benchmarks/train_gpu.py peers --root /tmp/bench --out results \\
+        --lf-python python3 --lf-path /tmp/lfsite            # LLaMA-Factory's packages, importable first
     torchrun --nproc_per_node 2 benchmarks/train_gpu.py dist --root /tmp/bench --backend ddp --out results
 
-Reported per run: samples/s, tokens/s, peak GPU memory (max allocated), model-FLOPs utilisation, and the share of
-step time spent waiting for data. MFU counts the same useful FLOPs per sample for both pipelines: 4 x the frozen
-language-model weights per token (forward + input gradient), 6 x the LoRA weights per token, causal attention
-(3 x forward), the vocabulary projection for labelled tokens only (4 x hidden x vocab), and the vision tower's
-forward (2 x its weights per patch plus attention) -- no recomputation, over the GPU's dense bf16 peak.
+``peers`` runs, on one GPU, one after the other: LLaMA-Factory 0.9.5 (``lf_run.py``, its own process and
+packages) without packing, with ``packing`` and with ``neat_packing``; mmdata padded and packed; the tutorial. Each
+reports samples/s, real tokens/s, peak GPU memory (max allocated), MFU (``measure.py`` says what counts) and the
+loss curve, and the table compares mmdata with LLaMA-Factory at the same packing.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import architecture_flops, step_clock, summarise  # noqa: E402
 
 # Qwen/Qwen2-VL-2B-Instruct config.json (flat hub format); token ids are the real ones.
 QWEN2VL_2B = {
@@ -44,13 +49,14 @@ QWEN2VL_2B = {
                       "temporal_patch_size": 2},
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
 }
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+COEF = architecture_flops(QWEN2VL_2B)
+EOS_ID, PAD_ID = 151645, 151643  # <|im_end|> ends every reply; the tutorial ends its labels with the pad id
+MODEL_DIR = "qwen2vl-2b-random"
+KINDS = ("latex", "med")
+SAMPLES_PER_STEP = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LATEX_PROMPT = "Transcribe the formula in this image into LaTeX."
 MED_PROMPT = "Describe this medical image in detail."
-SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant", "system_tag": "system"}}
 
 LATEX_PARTS = [r"\frac{a}{b}", r"x^{2}", r"\sum_{i=1}^{n}", r"\int_{0}^{\infty}", r"\alpha", r"\beta", r"\gamma",
                r"\sqrt{x+y}", r"\left(", r"\right)", r"+", r"-", r"=", r"\cdot", r"\mathbf{E}", r"e^{i\pi}",
@@ -65,31 +71,41 @@ MED_WORDS = ("the image shows a computed tomography scan of the abdomen with con
 # ------------------------------------------------------------------------------------------------ preparation
 
 
-def prepare(root: Path, n: int) -> None:
+def prepare(root: Path, n: int, small: bool = False) -> None:
+    """The random model, then per dataset: a JSONL source with images, its mmdata build, LLaMA-Factory's YAML.
+
+    ``small``: a 2-layer model with the same token ids and vision geometry, to try the harness on a CPU."""
     import torch
 
     from mmdata.train.tiny import write_random_model, write_tokenizer_and_processor
 
-    model_dir = root / "qwen2vl-2b-random"
+    model_dir = root / MODEL_DIR
     if not (model_dir / "model.safetensors.index.json").exists() and not (model_dir / "model.safetensors").exists():
         ids, _ = write_tokenizer_and_processor(model_dir, pad_vocab_to=151643)
         assert ids["<|image_pad|>"] == QWEN2VL_2B["image_token_id"]
-        write_random_model(model_dir, QWEN2VL_2B, dtype=torch.bfloat16,
+        config = QWEN2VL_2B
+        if small:
+            config = {**QWEN2VL_2B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "num_key_value_heads": 1, "max_window_layers": 2,
+                      "vision_config": {**QWEN2VL_2B["vision_config"], "depth": 2, "embed_dim": 64, "num_heads": 4,
+                                        "hidden_size": 256}}
+        write_random_model(model_dir, config, dtype=torch.bfloat16,
                            device="cuda" if torch.cuda.is_available() else "cpu")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    _make_build(root / "latex", "latex", n, tok)
-    _make_build(root / "med", "med", n, tok)
+    for kind in KINDS:
+        _make_source(root / f"source_{kind}", kind, n, tok)
+        _build(root, kind)
 
 
-def _make_build(out: Path, kind: str, n: int, tok) -> None:
+def _make_source(src: Path, kind: str, n: int, tok) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    if (out / "dataset_info.json").exists():
+    if (src / "rows.jsonl").exists():
         return
     rng = random.Random(0)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (src / "images").mkdir(parents=True, exist_ok=True)
     records, jobs = [], []
     for i in range(n):
         if kind == "latex":
@@ -102,17 +118,44 @@ def _make_build(out: Path, kind: str, n: int, tok) -> None:
             answer = " ".join(rng.choice(MED_WORDS) for _ in range(150)).capitalize() + "."
             prompt = MED_PROMPT
         image = f"images/{i:06d}.{'png' if kind == 'latex' else 'jpg'}"
-        jobs.append((str(out / image), kind, answer, i))
+        jobs.append((str(src / image), kind, answer, i))
         records.append({"messages": [{"role": "user", "content": "<image>" + prompt},
                                      {"role": "assistant", "content": answer}], "images": [image]})
     with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         list(pool.map(_draw, jobs, chunksize=32))
-    (out / f"{kind}_train").mkdir(exist_ok=True)
-    with open(out / f"{kind}_train" / "part-00000.jsonl", "w") as f:
+    with open(src / "rows.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    (out / "dataset_info.json").write_text(json.dumps({f"{kind}_train": {"file_name": f"{kind}_train", **SHAREGPT}}))
-    (out / "mmdata_build.json").write_text(json.dumps({"datasets": {f"{kind}_train": {"split": "train"}}}))
+
+
+def _build(root: Path, kind: str) -> None:
+    """``mmdata build`` of the source, then ``mmdata llamafactory`` (train_lora.yaml) for the random model."""
+    import mmdata
+    from mmdata.lfconfig import write_llamafactory_configs
+
+    out = root / kind
+    if not (out / "train_lora.yaml").exists():
+        recipe = root / f"{kind}.yaml"
+        recipe.write_text(json.dumps({"name": kind, "source": {"type": "jsonl", "path": f"source_{kind}/rows.jsonl"},
+                                      "output": {"dir": str(out)}}))
+        mmdata.build(str(recipe), num_proc=min(8, os.cpu_count() or 1))
+        write_llamafactory_configs(out, model=str(root / MODEL_DIR), output_dir=str(root / f"out_lf_{kind}"),
+                                   cutoff_len=_longest_record(root, kind))
+
+
+def _longest_record(root: Path, kind: str, step: int = 128) -> int:
+    """The longest record of the build in this model's tokens, rounded up: the build's own estimate counts text
+    for the real Qwen tokenizer, and the benchmark's tokenizer (real special-token ids, small vocabulary) splits
+    words into more pieces, so both trainers get the exact figure (nothing dropped or cut)."""
+    from transformers import AutoProcessor
+
+    from mmdata.train.data import build_dataset, read_conversations, resolve_split
+
+    processor = AutoProcessor.from_pretrained(root / MODEL_DIR)
+    info, names = resolve_split(root / kind, "train")
+    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
+                               cutoff_len=1 << 20)
+    return -(-max(dataset.lengths) // step) * step
 
 
 def _draw(job) -> None:
@@ -131,86 +174,14 @@ def _draw(job) -> None:
         Image.fromarray(np.stack([base] * 3, -1).clip(0, 255).astype("uint8")).save(path, quality=90)
 
 
-# ------------------------------------------------------------------------------------------------ measurement
-
-
-def model_flops(text_len: int, patches: int, labelled: int) -> float:
-    """Useful FLOPs of one sample (see module docstring); the same formula for both pipelines."""
-    c, v = QWEN2VL_2B, QWEN2VL_2B["vision_config"]
-    h, inter, layers, kv = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_key_value_heads"]
-    kv_dim = h // c["num_attention_heads"] * kv
-    body = layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter)
-    r = 64
-    lora = layers * r * ((h + h) * 2 + (h + kv_dim) * 2 + (h + inter) * 3)
-    attn = 3 * layers * 2 * 2 * h * text_len * text_len / 2
-    e = v["embed_dim"]
-    vision = 2 * v["depth"] * (e * 3 * e + e * e + 2 * e * e * v["mlp_ratio"]) * patches
-    vision += v["depth"] * 2 * 2 * e * patches * patches + 2 * (4 * e * 4 * e + 4 * e * h) * patches / 4
-    return 4 * body * text_len + 6 * lora * text_len + attn + 4 * h * c["vocab_size"] * labelled + vision
-
-
-def _timing_tools():
-    import torch
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        """Wall time of every optimizer step (GPU synchronised), and the data wait inside it."""
-
-        def __init__(self):
-            self.ends, self.data = [], []
-
-        def on_train_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-            self.data.append(DATA_WAIT[0])
-
-    DATA_WAIT = [0.0]
-
-    def timed(cls):
-        class Timed(cls):
-            def get_batch_samples(self, *a, **k):
-                t = time.perf_counter()
-                out = super().get_batch_samples(*a, **k)
-                DATA_WAIT[0] += time.perf_counter() - t
-                return out
-        return Timed
-
-    return StepClock, timed, DATA_WAIT
-
-
-def summarise(name: str, clock, data_wait, per_step_samples: list[list[tuple]], warmup: int, gpu: str) -> dict:
-    """Steady-state figures over the steps after ``warmup``."""
-    import torch
-
-    steps = len(clock.ends)
-    window = range(warmup, steps)
-    seconds = clock.ends[-1] - clock.ends[warmup - 1]
-    data = clock.data[-1] - clock.data[warmup - 1]
-    samples = [s for i in window for s in per_step_samples[i]] if per_step_samples else []
-    n = len(samples) or 16 * len(window)
-    tokens = sum(s[0] for s in samples)
-    flops = sum(model_flops(*s) for s in samples)
-    peak = PEAK_BF16["H200" if "H200" in gpu else "H100"]
-    return {"run": name, "steps_timed": len(window), "samples_per_s": round(n / seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "mean_tokens_per_sample": round(tokens / max(1, n), 1),
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-            "mfu_pct": round(100 * flops / seconds / peak, 2), "data_wait_pct": round(100 * data / seconds, 1),
-            "step_s": round(seconds / len(window), 3), "first_step_s": round(clock.ends[0] - clock.start, 1),
-            **{k: torch.cuda.memory_stats().get(k) for k in ("num_alloc_retries", "num_device_alloc")}}
-
-
 # ------------------------------------------------------------------------------------------------ the tutorial
 
 
-def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> dict:
+def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
     """The tutorial's approach: ``Dataset.map`` storing processor outputs as lists, ``DataCollatorForSeq2Seq``,
     batch 4 x accumulation 4, ``enable_input_require_grads`` + gradient checkpointing. One change for
     transformers 5: the model needs ``mm_token_type_ids``, derived from the padded ``input_ids`` in the collator.
+    It reads the rows the build was made from (the tutorial has no build step).
     """
     import torch
     from datasets import Dataset
@@ -226,11 +197,11 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> di
 
     from mmdata.train.data import smart_resize
 
-    model_dir = root / "qwen2vl-2b-random"
-    data_dir = root / kind
+    model_dir = root / MODEL_DIR
+    data_dir = root / f"source_{kind}"
     processor = AutoProcessor.from_pretrained(model_dir)
     tokenizer = processor.tokenizer
-    rows = [json.loads(line) for line in open(data_dir / f"{kind}_train" / "part-00000.jsonl")][: 16 * steps]
+    rows = [json.loads(line) for line in open(data_dir / "rows.jsonl")][: SAMPLES_PER_STEP * steps]
 
     def process_func(example):
         path = str(data_dir / example["images"][0])
@@ -273,20 +244,12 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> di
                              gradient_accumulation_steps=4, logging_steps=1, max_steps=steps, learning_rate=1e-4,
                              save_strategy="no", gradient_checkpointing=True, bf16=True, report_to="none",
                              remove_unused_columns=False)
-    StepClock, timed, wait = _timing_tools()
-    clock = StepClock()
-    trainer = timed(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                             callbacks=[clock])
+    clock, instrument = step_clock(eos_id=PAD_ID)
+    trainer = instrument(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                                  callbacks=[clock])
     trainer.train()
-    # samples in order (no shuffle assumptions needed: all samples of one kind have near-equal shapes)
-    per_sample = []
-    for ex in dataset.select(range(16 * steps)):
-        g = ex["image_grid_thw"]
-        per_sample.append((len(ex["input_ids"]), g[0] * g[1] * g[2], sum(1 for x in ex["labels"] if x != -100)))
-    per_step = [per_sample[i * 16:(i + 1) * 16] for i in range(steps)]
-    result = summarise(f"tutorial/{kind}", clock, wait, per_step, warmup, gpu)
-    result["preprocess_samples_per_s"] = round(prep, 1)
-    result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = summarise(f"tutorial/{kind}/4x4", clock, warmup, COEF, preprocess_samples_per_s=round(prep, 1),
+                       losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
     del trainer, model
     torch.cuda.empty_cache()
     return result
@@ -295,9 +258,9 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int, gpu: str) -> di
 # ------------------------------------------------------------------------------------------------ mmdata
 
 
-def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batch: int, accum: int,
-               out: Path | None = None, deepspeed: str | None = None, batching: str = "pad",
-               adapter_dtype: str = "auto", compile: str = "auto") -> dict:
+def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 16, accum: int = 1,
+               batching: str = "pad", attn: str = "auto", adapter_dtype: str = "auto", compile: str = "auto",
+               deepspeed: str | None = None, out: Path | None = None) -> dict:
     import gc
 
     import torch
@@ -306,75 +269,167 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, gpu: str, *, batc
     from mmdata.train.trainer import _trainer_class, train
 
     gc.collect()  # the previous run's model must not count towards this run's peak
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    StepClock, timed, wait = _timing_tools()
-    clock = StepClock()
-    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{adapter_dtype}_{compile}"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    clock, instrument = step_clock(eos_id=EOS_ID)
+    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_{compile}"
     config = load_train_config(
-        None, model=str(root / "qwen2vl-2b-random"), dataset=str(root / kind), output_dir=str(output_dir),
+        None, model=str(root / MODEL_DIR), dataset=str(root / kind), output_dir=str(output_dir),
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
-        precision="bf16", logging_steps=1, save_steps=10_000, resume=False, max_samples=16 * steps,
-        deepspeed=deepspeed, batching=batching, dataloader_num_workers=8, lr_scheduler_type="linear",
+        precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
+        max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind), deepspeed=deepspeed,
+        batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
         adapter_dtype=adapter_dtype, compile=compile)
-    record = train(config, callbacks=[clock], trainer_class=timed(_trainer_class()))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    record = train(config, callbacks=[clock], trainer_class=instrument(_trainer_class()))
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    # every sample is used once in `steps` steps; per-step token mix is uniform enough to spread evenly
-    samples = _mmdata_samples(root, kind, 16 * steps)
-    per_step = [samples[i * 16 // world:(i + 1) * 16 // world] for i in range(steps)]
-    result = summarise(f"mmdata/{kind}/{batch}x{accum}/{record['adapter_dtype']}"
-                       + ("/compiled" if record["compiled"] else "/eager")
-                       + (f"/{Path(deepspeed).stem}" if deepspeed else ""), clock, wait, per_step, warmup, gpu)
-    result["losses"] = [h["loss"] for h in state["log_history"] if "loss" in h]
-    result["dropped"] = record["data"]["train"]["dropped"]
-    return result
+    name = (f"mmdata/{kind}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
+            f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
+            + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
+    return summarise(name, clock, warmup, COEF, kind=kind, packing=record["batching"],
+                     dropped=record["data"]["train"]["dropped"],
+                     losses=[h["loss"] for h in state["log_history"] if "loss" in h])
 
 
-def _mmdata_samples(root: Path, kind: str, n: int) -> list[tuple]:
-    from transformers import AutoProcessor
+def _build_cutoff(root: Path, kind: str) -> int:
+    """The cutoff_len ``mmdata llamafactory`` measured for the build (both contenders train with it)."""
+    import yaml
 
-    from mmdata.train.data import build_dataset, read_conversations, resolve_split
-
-    processor = AutoProcessor.from_pretrained(root / "qwen2vl-2b-random")
-    info, names = resolve_split(root / kind, "train")
-    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
-                               cutoff_len=2048, max_samples=n)
-    out = []
-    for s in dataset.samples:
-        patches = sum((h // 14) * (w // 14) for h, w in s.sizes)
-        out.append((s.length, patches, sum(len(p) for p, lab in s.pieces if lab)))
-    return out
+    return int(yaml.safe_load((root / kind / "train_lora.yaml").read_text())["cutoff_len"])
 
 
-def _micro_batch(root: Path, kind: str, batch: int) -> dict:
+def _mmdata_runs(spec: str) -> list[dict]:
+    """``latex:16x1:pack,med:8x2:fp32:eager:sdpa`` -> keyword arguments of :func:`run_mmdata` per run.
+
+    After the shape, in any order: ``pad``/``pack`` (batching), ``sdpa``/``varlen`` (attention; default auto),
+    an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto)."""
+    runs = []
+    for item in spec.split(","):
+        kind, shape, *options = item.split(":")
+        batch, accum = (int(x) for x in shape.split("x"))
+        run = {"kind": kind, "batch": batch, "accum": accum}
+        for option in options:
+            if option in ("pad", "pack"):
+                run["batching"] = option
+            elif option in ("sdpa", "varlen"):
+                run["attn"] = {"varlen": "flash_varlen_torch"}.get(option, option)
+            elif option in ("bf16", "fp32"):
+                run["adapter_dtype"] = option
+            elif option in ("eager", "compiled"):
+                run["compile"] = {"eager": "false", "compiled": "true"}[option]
+            else:
+                raise SystemExit(f"--mmdata {item}: unknown option {option!r}")
+        runs.append(run)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ LLaMA-Factory
+
+
+def lf_setting(root: Path, kind: str, mode: str, steps: int) -> dict:
+    """The keys of ``mmdata llamafactory``'s train_lora.yaml changed to match the benchmark setting.
+
+    ``pad``: 16 rows x 1; ``packing``/``neat`` (``neat_packing``, no attention across records): one row per step of
+    16 x the build's cutoff_len, so a step holds about 16 records, as mmdata's packed micro-batch does.
+    """
+    setting = {"lora_rank": 64, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": ",".join(TARGETS),
+               "per_device_train_batch_size": SAMPLES_PER_STEP, "gradient_accumulation_steps": 1,
+               "max_steps": steps, "learning_rate": 1.0e-4, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
+               "max_samples": SAMPLES_PER_STEP * steps, "dataloader_num_workers": 8, "logging_steps": 1,
+               "preprocessing_num_workers": 1,  # before training, untimed; 16 forked workers hung here
+               "save_steps": 100_000, "plot_loss": False, "output_dir": str(root / f"out_lf_{kind}_{mode}")}
+    if not _has_gpu():  # trying the harness on a CPU
+        setting["bf16"] = False
+    if mode != "pad":
+        setting.update(packing=True, neat_packing=mode == "neat", per_device_train_batch_size=1,
+                       cutoff_len=SAMPLES_PER_STEP * _build_cutoff(root, kind))
+    return setting
+
+
+def run_llamafactory(root: Path, out: Path, jobs: list[tuple[str, str]], steps: int, warmup: int,
+                     python: str, path: str | None) -> list[dict]:
+    """LLaMA-Factory's trainer on each ``(kind, mode)`` in one process of its own environment (``lf_run.py``)."""
+    spec = [{"name": f"{kind}/{'16x1' if mode == 'pad' else '1x1'}/{mode}", "kind": kind, "packing": mode,
+             "yaml": str(root / kind / "train_lora.yaml"), "warmup": warmup, "eos_id": EOS_ID,
+             "set": lf_setting(root, kind, mode, steps)} for kind, mode in jobs]
+    jobs_file, results_file = root / "lf_jobs.json", root / "lf_results.json"
+    jobs_file.write_text(json.dumps(spec, indent=1))
+    results_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])),
+               DISABLE_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false")
+    with open(out / "llamafactory.log", "w") as log:
+        done = subprocess.run([python, str(Path(__file__).with_name("lf_run.py")), "--jobs", str(jobs_file),
+                               "--out", str(results_file)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    return results + [{"run": f"llamafactory/{j['name']}", "error": f"lf_run.py exited {done.returncode} before "
+                       f"this job (see llamafactory.log)"} for j in spec[len(results):]]
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def table(results: list[dict]) -> str:
+    """Markdown rows; mmdata rows also compare with LLaMA-Factory on the same data at the same semantics: padded with
+    padded, packed with ``neat_packing`` (records never attend to each other), and with its fastest mode."""
+    lf = [r for r in results if r["run"].startswith("llamafactory") and "error" not in r]
+    lines = ["| run | samples/step | samples/s | tokens/s | peak alloc GB | MFU | data wait | loss first -> last "
+             "| vs LLaMA-Factory (same packing; fastest) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['run']} | error: {r['error'][:80]} | | | | | | | |")
+            continue
+        versus = ""
+        if r["run"].startswith("mmdata"):
+            same = [x for x in lf if x["kind"] == r["kind"] and x["packing"] == ("pad" if r["packing"] == "pad"
+                                                                                   else "neat")]
+            fastest = max((x for x in lf if x["kind"] == r["kind"]), key=lambda x: x["samples_per_s"], default=None)
+            versus = "; ".join(f"{r['samples_per_s'] / x['samples_per_s']:.2f}x samples/s, "
+                               f"{r['peak_mem_gb'] - x['peak_mem_gb']:+.2f} GB ({x['packing']})"
+                               for x in same[:1] + ([fastest] if fastest else []))
+        losses = r.get("losses") or [float("nan")]
+        lines.append(f"| {r['run']} | {r['samples_per_step']} | {r['samples_per_s']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_mem_gb']} | {r['mfu_pct']}% | {r['data_wait_pct']}% | "
+                     f"{losses[0]:.2f} -> {losses[-1]:.2f} ({len(losses)}) | {versus} |")
+    return "\n".join(lines)
+
+
+def _micro_batch(root: Path, kind: str, batch: int, pack: bool = False) -> dict:
     """The first ``batch`` training samples of ``kind``, collated as the trainer does, on the GPU."""
     from transformers import AutoProcessor
 
     from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
 
-    processor = AutoProcessor.from_pretrained(root / "qwen2vl-2b-random")
+    processor = AutoProcessor.from_pretrained(root / MODEL_DIR)
     info, names = resolve_split(root / kind, "train")
     dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
                                cutoff_len=2048, max_samples=batch)
-    collated = VisionSFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(batch)])
+    collated = VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack)([dataset[i] for i in range(batch)])
     return {k: v.cuda() for k, v in collated.items()}
 
 
-def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True) -> str:
-    """One micro-batch's forward + backward as the trainer runs it, timed and under torch.profiler."""
+def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True,
+                        pack: bool = False) -> str:
+    """One micro-batch's forward + backward as the trainer runs it (its attention: ``pick_attention("auto")``),
+    timed and under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from mmdata.train.config import load_train_config
     from mmdata.train.loss import NO_POSITIONS, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
-    from mmdata.train.model import attach_lora, compile_language_layers, load_model, run_frozen_vision_without_grad
+    from mmdata.train.model import (
+        attach_lora,
+        compile_language_layers,
+        load_model,
+        pick_attention,
+        run_frozen_vision_without_grad,
+    )
 
-    model_dir = root / "qwen2vl-2b-random"
-    batch_t = _micro_batch(root, kind, batch)
+    model_dir = root / MODEL_DIR
+    batch_t = _micro_batch(root, kind, batch, pack)
+    attn = pick_attention("auto")
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS)
-    model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16), config, torch.bfloat16).cuda()
+    model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16, attn=attn), config, torch.bfloat16).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     run_frozen_vision_without_grad(model)
@@ -405,8 +460,9 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
 
     base = model.get_base_model()
     visual = base.model.visual if hasattr(base.model, "visual") else base.visual
-    lines = [f"micro-batch {batch} x {kind}: {batch_t['input_ids'].shape[1]} padded tokens/row, "
-             f"{targets.numel()} labelled, layers {'compiled' if compile_layers else 'eager'}"]
+    lines = [f"micro-batch {batch} x {kind} ({'packed' if pack else 'padded'}, {attn}): "
+             f"{batch_t['input_ids'].shape[1]} tokens/row, {targets.numel()} labelled, "
+             f"layers {'compiled' if compile_layers else 'eager'}"]
     with torch.no_grad():
         lines.append(f"vision tower forward: {timed(lambda: visual(batch_t['pixel_values'].to(torch.bfloat16), grid_thw=batch_t['image_grid_thw'])):.1f} ms")
         lines.append(f"full forward (no grad): {timed(forward):.1f} ms")
@@ -416,7 +472,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     text = "\n".join(lines) + "\n" + table
-    (out / f"profile_{kind}.txt").write_text(text)
+    (out / f"profile_{kind}_{'pack' if pack else 'pad'}.txt").write_text(text)
     return "\n".join(lines)
 
 
@@ -429,7 +485,7 @@ def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dic
     from mmdata.train.config import load_train_config
     from mmdata.train.model import attach_lora, compile_language_layers, load_model
 
-    model_dir = root / "qwen2vl-2b-random"
+    model_dir = root / MODEL_DIR
     inputs = {k: v for k, v in _micro_batch(root, kind, batch).items()
               if k not in ("labels", "label_positions", "target_labels")}
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS, lora_dropout=0.05)
@@ -458,53 +514,44 @@ def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dic
 # ------------------------------------------------------------------------------------------------ entry points
 
 
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0)
-
-
-def _mmdata_runs(spec: str) -> list[tuple[str, int, int, str, str]]:
-    """``latex:16x1,med:8x2:fp32:eager`` -> [(kind, micro-batch, accumulation, adapter_dtype, compile)].
-
-    Options after the shape: an adapter dtype (auto, bf16, fp32) and/or ``eager`` (compile: false) or
-    ``compiled`` (compile: true); unnamed ones keep the trainer's defaults (auto)."""
-    runs = []
-    for item in spec.split(","):
-        kind, shape, *options = item.split(":")
-        batch, accum = (int(x) for x in shape.split("x"))
-        dtype = next((o for o in options if o in ("auto", "bf16", "fp32")), "auto")
-        compile_ = {"eager": "false", "compiled": "true"}.get(next((o for o in options if o in ("eager", "compiled")),
-                                                                   ""), "auto")
-        runs.append((kind, batch, accum, dtype, compile_))
-    return runs
-
-
-def cmd_single(args) -> None:
-    out = Path(args.out)
+def cmd_peers(args) -> None:
+    """LLaMA-Factory, mmdata and the tutorial, one after the other on this GPU; results.json and table.md in --out."""
+    root, out = Path(args.root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = _gpu_name()
-    results = []
+    results: list[dict] = []
+
+    def record(result: dict) -> None:
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "changed")}), flush=True)
+        gpu = _gpu_name()
+        (out / "results.json").write_text(json.dumps({"gpu": gpu, "command": " ".join(sys.argv), "results": results},
+                                                     indent=1))
+        (out / "table.md").write_text(f"GPU: {gpu}\n\n{table(results)}\n")
+
     if args.check_replay:
-        print(json.dumps(check_dropout_replay(Path(args.root))), flush=True)
-    jobs = [lambda k=k, b=b, a=a, d=d, c=c: run_mmdata(Path(args.root), k, args.steps, args.warmup, gpu, batch=b,
-                                                       accum=a, adapter_dtype=d, compile=c)
-            for k, b, a, d, c in _mmdata_runs(args.mmdata)]
-    if args.tutorial_steps:
-        jobs += [lambda k=k: run_tutorial(Path(args.root), k, args.tutorial_steps, args.warmup, gpu)
-                 for k in ("latex", "med")]
-    for fn in jobs:
+        print(json.dumps(check_dropout_replay(root)), flush=True)
+    jobs = [tuple(item.split(":")) for item in args.llamafactory.split(",") if item]
+    if jobs and args.lf_python:
+        for result in run_llamafactory(root, out, jobs, args.steps, args.warmup, args.lf_python, args.lf_path):
+            record(result)
+    for run in _mmdata_runs(args.mmdata) if args.mmdata else ():
+        kind = run.pop("kind")
         try:
-            results.append(fn())
+            record(run_mmdata(root, kind, args.steps, args.warmup, **run))
         except Exception as e:  # keep going: one failure must not lose the other figures
-            results.append({"run": "?", "error": repr(e)[:500]})
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
-        (out / "single.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
-    for kind, batch in (("latex", 16), ("med", 8)) if args.profile else ():
+            record({"run": f"mmdata/{kind}/{run}", "error": repr(e)[:500]})
+    for kind in args.tutorial.split(",") if args.tutorial else ():
         try:
-            print(profile_mmdata_step(Path(args.root), kind, batch, out), flush=True)
+            record(run_tutorial(root, kind, args.tutorial_steps, min(args.warmup, args.tutorial_steps - 1)))
         except Exception as e:
-            print("profile failed", repr(e)[:300])
+            record({"run": f"tutorial/{kind}", "error": repr(e)[:500]})
+    for spec in args.profile.split(",") if args.profile else ():
+        kind, batch, batching = spec.split(":")
+        try:
+            print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack"), flush=True)
+        except Exception as e:
+            print("profile failed", repr(e)[:300], flush=True)
+    print(table(results), flush=True)
 
 
 def cmd_dist(args) -> None:
@@ -530,7 +577,7 @@ def cmd_dist(args) -> None:
             torch.distributed.barrier()
     batch, accum = 8, 16 // (8 * world)
     name = f"{args.backend}_{world}gpu"
-    res = run_mmdata(Path(args.root), "latex", args.steps, args.warmup, _gpu_name(), batch=batch, accum=accum,
+    res = run_mmdata(Path(args.root), "latex", args.steps, args.warmup, batch=batch, accum=accum,
                      out=Path(args.root) / f"out_{name}", deepspeed=ds)
     res["rank"], res["world"] = rank, world
     (out / f"dist_{name}_rank{rank}.json").write_text(json.dumps(res))
@@ -540,7 +587,7 @@ def cmd_dist(args) -> None:
 
         from mmdata.train.model import load_model
 
-        base = load_model(str(Path(args.root) / "qwen2vl-2b-random"), dtype=torch.bfloat16).cuda()
+        base = load_model(str(Path(args.root) / MODEL_DIR), dtype=torch.bfloat16).cuda()
         net = PeftModel.from_pretrained(base, str(Path(args.root) / f"out_{name}"))
         ids = torch.tensor([[151644, 872, 198, 40, 1079, 151645]], device="cuda")
         loss = net(input_ids=ids, labels=ids).loss.item()
@@ -550,27 +597,45 @@ def cmd_dist(args) -> None:
         print("losses", name, [round(x, 4) for x in res["losses"]], flush=True)
 
 
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["prepare", "single", "dist"])
+    parser.add_argument("mode", choices=["prepare", "peers", "dist"])
     parser.add_argument("--root", default="/tmp/bench")
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--tutorial-steps", type=int, default=12, help="0: skip the tutorial runs")
-    parser.add_argument("--mmdata", default="latex:16x1,med:8x2",
-                        help="mmdata runs of `single`: kind:BATCHxACCUM[:adapter_dtype][:eager|compiled], "
-                             "comma-separated")
-    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler step")
+    parser.add_argument("--n", type=int, default=256, help="prepare: samples per dataset")
+    parser.add_argument("--small", action="store_true", help="prepare: a 2-layer model, to try the harness on a CPU")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of 16 samples per run")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
+    parser.add_argument("--llamafactory", default="latex:pad,latex:packing,latex:neat,med:pad,med:packing,med:neat",
+                        help="LLaMA-Factory runs, kind:pad|packing|neat, comma-separated ('' for none)")
+    parser.add_argument("--lf-python", default=None, help="python of LLaMA-Factory's environment (none: no runs)")
+    parser.add_argument("--lf-path", default=None, help="PYTHONPATH entry holding LLaMA-Factory's own packages")
+    parser.add_argument("--mmdata", default="latex:16x1:pad,latex:16x1:pack,med:16x1:pad,med:16x1:pack",
+                        help="mmdata runs: kind:BATCHxACCUM[:pad|pack][:sdpa|varlen][:bf16|fp32][:eager|compiled]")
+    parser.add_argument("--tutorial", default="latex,med", help="tutorial runs ('' for none)")
+    parser.add_argument("--tutorial-steps", type=int, default=6)
+    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack, comma-separated")
     parser.add_argument("--check-replay", action="store_true",
                         help="first compare adapter gradients with and without checkpointing (compiled layers)")
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")
     args = parser.parse_args()
     if args.mode == "prepare":
-        prepare(Path(args.root), args.n)
-    elif args.mode == "single":
-        cmd_single(args)
+        prepare(Path(args.root), args.n, args.small)
+    elif args.mode == "peers":
+        cmd_peers(args)
     else:
         cmd_dist(args)
 

@@ -173,11 +173,16 @@ def test_mrope_positions_match_each_models_get_rope_index(mixed_build, tiny_mode
         assert torch.equal(positions[:, 0], item["position_ids"])
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flash_varlen_torch"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_padded_and_packed_batches_give_the_models_loss_and_gradient(mixed_build, tiny_models, processors, family):
-    """The chunked loss over padded and over packed rows equals the model's own loss on the padded batch, and so do
-    the gradients: packing is exact for every family (Qwen3-VL's DeepStack features land on the same tokens)."""
+def test_padded_and_packed_batches_give_the_models_loss_and_gradient(mixed_build, tiny_models, processors, family,
+                                                                     attention):
+    """The chunked loss over padded and over packed rows equals the model's own loss on the padded batch (SDPA with
+    its 4-D masks), and so do the gradients: packing is exact for every family (Qwen3-VL's DeepStack features land on
+    the same tokens), with SDPA and with mmdata's variable-length attention (``attention.py``: here its CPU path,
+    record by record, which the GPU kernel replaces; the vision tower then attends all images in one call)."""
     from mmdata.train.loss import NO_POSITIONS, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
+    from mmdata.train.model import pick_attention, use_attention
 
     processor = processors[family]
     dataset, _ = _dataset(processor, mixed_build)
@@ -200,6 +205,8 @@ def test_padded_and_packed_batches_give_the_models_loss_and_gradient(mixed_build
         return loss.item(), [p.grad.clone() for p in probes]
 
     expected_loss, expected_grads = loss_and_grads(None)
+    use_attention(model, pick_attention(attention))
+    assert model.model.visual.config._attn_implementation == attention
     for pack in (False, True):
         loss, grads = loss_and_grads(pack)
         assert loss == pytest.approx(expected_loss, rel=1e-5), pack

@@ -21,7 +21,7 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--logging-steps": {"type": int}, "--seed": {"type": int}, "--deepspeed": {},
     "--precision": {"choices": ["auto", "bf16", "fp16", "fp32"]},
     "--adapter-dtype": {"choices": ["auto", "bf16", "fp32"]},
-    "--attn-implementation": {"choices": ["auto", "sdpa", "flash_attention_2", "eager"]},
+    "--attn-implementation": {"choices": ["auto", "sdpa", "flash_attention_2", "flash_varlen_torch", "eager"]},
     "--batching": {"choices": ["auto", "pad", "pack"]}, "--report-to": {"choices": ["none", "tensorboard", "swanlab"]},
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},
     "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile each layer's attention/MLP/norms (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
@@ -38,6 +38,7 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--config", help="train.yaml with any TrainConfig option; flags override it")
     for flag, spec in _TRAIN_FLAGS.items():
         p.add_argument(flag, default=None, **spec)
+    p.add_argument("--packing", action="store_true", default=None, help="same as --batching pack")
     p.add_argument("--use-dora", action="store_true", default=None)
     p.add_argument("--lora-vision", action="store_true", default=None)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)

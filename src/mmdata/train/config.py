@@ -65,8 +65,11 @@ class TrainConfig(BaseModel):
     max_pixels: int = Field(768 * 768, ge=28 * 28)
     cutoff_len: int = Field(2048, ge=16)
     batching: Literal["auto", "pad", "pack"] = Field(
-        "auto", description="pad: length-grouped padded micro-batches; pack: padding-free rows (flash-attn); "
-                            "auto: pack with flash attention, pad otherwise")
+        "auto", description="pad: length-grouped padded micro-batches; pack: each micro-batch's records in one "
+                            "padding-free row, every record attending only to itself; auto: pack with a "
+                            "variable-length attention kernel (flash-attn or PyTorch's), pad otherwise")
+    packing: bool | None = Field(None, description="LLaMA-Factory's spelling: true is batching: pack, false is "
+                                                   "batching: pad")
     dataloader_num_workers: int | None = Field(None, ge=0, description="default: min(8, CPUs - 1)")
 
     # optimisation
@@ -82,7 +85,9 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(4, ge=1)
     gradient_checkpointing: bool = True
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flash_varlen_torch", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 with flash-attn installed, else on a GPU flash_varlen_torch "
+                            "(PyTorch's own variable-length FlashAttention kernels), else sdpa")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the attention, MLP and norms of every language-model layer (fewer, "
@@ -108,6 +113,12 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
+        if self.packing is not None:
+            wanted = "pack" if self.packing else "pad"
+            if self.batching not in ("auto", wanted):
+                raise ValueError(f"packing: {str(self.packing).lower()} contradicts batching: {self.batching}; "
+                                 "set one of them")
+            self.batching = wanted
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if not self.target_modules:

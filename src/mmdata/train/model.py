@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import ATTENTION_NAME, register_attention, torch_varlen_available
 from .config import TrainConfig, TrainError
 from .families import FAMILIES, Family, family_of
 
@@ -67,12 +68,19 @@ def pick_adapter_dtype(config: TrainConfig, dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16
 
 
-def pick_attention(name: str) -> str:
-    """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else PyTorch SDPA."""
+def pick_attention(name: str, *, training: bool = True) -> str:
+    """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present; for training on a GPU without
+    it, PyTorch's own variable-length FlashAttention (``attention.py``); else PyTorch SDPA. Generation
+    (``training=False``) never gets the training-only function."""
     if name == "auto":
-        return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+            return "flash_attention_2"
+        return register_attention() if training and torch_varlen_available() else "sdpa"
     if name == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
-        raise TrainError("attn_implementation: flash_attention_2 needs flash-attn: pip install flash-attn, or use sdpa")
+        raise TrainError("attn_implementation: flash_attention_2 needs flash-attn: pip install flash-attn, or use sdpa "
+                         f"(or {ATTENTION_NAME}: PyTorch's own FlashAttention kernels)")
+    if name == ATTENTION_NAME:
+        return register_attention()
     return name
 
 
@@ -134,10 +142,30 @@ def load_model(path: str, *, dtype: torch.dtype | str, attn: str = "sdpa", quant
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
+    if attn == ATTENTION_NAME:
+        kwargs["attn_implementation"] = "sdpa"  # replaced below, once loaded
     try:
-        return cls.from_pretrained(path, dtype=dtype, **kwargs)
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
-        return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+        model = cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+    if attn == ATTENTION_NAME:
+        use_attention(model, attn)
+    return model
+
+
+def use_attention(model, name: str) -> None:
+    """Switch a loaded model (and its vision and text sub-models) to the attention implementation ``name``.
+
+    :data:`~mmdata.train.attention.ATTENTION_NAME` is set on the config directly, as LLaMA-Factory sets its
+    attention: transformers' ``set_attn_implementation`` / ``from_pretrained`` take any name containing "flash" for
+    a flash-attn package or hub kernel and try to import one, while the name must contain "flash" for the vision
+    towers to pass their ``cu_seqlens`` (``attention.py``). The config setter carries it into every sub-config.
+    """
+    if name == ATTENTION_NAME:
+        register_attention()
+        unwrap_peft(model).config._attn_implementation = name
+    else:
+        unwrap_peft(model).set_attn_implementation(name)
 
 
 def unwrap_peft(model):

@@ -39,7 +39,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, precision: str
     """``(model, processor)`` in eval mode: base, base + adapter, or a merged folder."""
     model_path = resolve_model_path(model, model_hub)
     processor = load_processor(adapter, fallback=model_path) if adapter else load_processor(model_path)
-    net = load_model(model_path, dtype=pick_dtype(precision), attn=pick_attention(attn_implementation))
+    net = load_model(model_path, dtype=pick_dtype(precision), attn=pick_attention(attn_implementation, training=False))
     if adapter:
         from peft import PeftModel
 

@@ -1,0 +1,120 @@
+"""mmdata's training attention (``mmdata.train.attention``): every path equals plain attention over each record.
+
+On the CPU the variable-length call runs record by record (what CI checks); on a CUDA GPU the same tests run
+PyTorch's FlashAttention kernel against that reference, forward and backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch.nn.functional as F  # noqa: E402
+
+from mmdata.train.attention import _varlen, varlen_attention_forward  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class Decoder:
+    """What the attention function reads from transformers' attention modules."""
+
+    is_causal = True
+    num_key_value_groups = 6
+    training = True
+
+
+def per_record(q, k, v, lengths, causal):
+    """Reference: SDPA on each record alone, in float64; q/k/v are (batch=1, heads, tokens, dim)."""
+    outs, start = [], 0
+    for n in lengths:
+        part = [t[:, :, start:start + n].double() for t in (q, k, v)]
+        outs.append(F.scaled_dot_product_attention(*part, is_causal=causal, enable_gqa=True).transpose(1, 2))
+        start += n
+    return torch.cat(outs, 1)
+
+
+def _qkv(device, tokens, heads=12, kv_heads=2, dim=64, batch=1):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    make = lambda h: torch.randn(batch, h, tokens, dim, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def _close(out, ref, device):
+    tolerance = 2e-2 if device == "cuda" else 1e-5  # bf16 kernels vs a float64 reference
+    assert torch.linalg.norm(out.double() - ref) / torch.linalg.norm(ref) < tolerance
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_row_attends_within_each_record_forward_and_backward(device):
+    """A packed row (text positions restart at 0 per record, no mask) equals each record attended alone, and so do
+    the gradients of queries, keys and values (GQA: 12 query heads over 2 key/value heads)."""
+    torch.manual_seed(0)
+    lengths = [37, 5, 120, 64]
+    q, k, v = _qkv(device, sum(lengths))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    out, _ = varlen_attention_forward(Decoder(), q, k, v, None, position_ids=positions)
+    ref = per_record(q, k, v, lengths, causal=True)
+    _close(out, ref, device)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vision_records_from_cu_seqlens_are_not_causal(device):
+    """The vision towers pass ``cu_seq_lens_q``: every image attends to all of itself and nothing else."""
+    torch.manual_seed(1)
+    lengths = [16, 64, 36]
+    q, k, v = _qkv(device, sum(lengths), heads=4, kv_heads=4)
+    cu = torch.tensor([0, 16, 80, 116], dtype=torch.int32, device=device)
+    out, _ = varlen_attention_forward(Decoder(), q, k, v, None, is_causal=False, cu_seq_lens_q=cu, max_length_q=64)
+    _close(out, per_record(q, k, v, lengths, causal=False), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_right_padded_rows_equal_each_row_alone(device):
+    """Right padding (the trainer's padded micro-batches): every real position equals the row attended without its
+    pads, through SDPA's unmasked causal kernel."""
+    torch.manual_seed(2)
+    q, k, v = _qkv(device, 48, batch=3)
+    mask = torch.ones(3, 48, dtype=torch.long, device=device)
+    mask[1, 30:] = 0
+    mask[2, 7:] = 0
+    out, _ = varlen_attention_forward(Decoder(), q, k, v, mask)
+    for row, n in enumerate((48, 30, 7)):
+        ref = per_record(*(t[row:row + 1] for t in (q, k, v)), [n], causal=True)
+        _close(out[row:row + 1, :n], ref, device)
+
+
+def test_left_padding_and_cached_generation_fall_back_to_masked_sdpa():
+    """Anything but right padding, e.g. a left-padded prompt or one new query over cached keys, goes to masked SDPA
+    and equals the unpadded rows; a pad query that sees nothing gives no NaN."""
+    torch.manual_seed(3)
+    q, k, v = _qkv("cpu", 20, batch=2)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    out, _ = varlen_attention_forward(Decoder(), q, k, v, mask)
+    assert not torch.isnan(out).any()
+    ref = per_record(*(t[1:, :, 6:] for t in (q, k, v)), [14], causal=True)
+    _close(out[1:, 6:], ref, "cpu")
+    last, _ = varlen_attention_forward(Decoder(), q[:, :, -1:], k, v, mask)
+    ref = F.scaled_dot_product_attention(q[1:, :, -1:], k[1:, :, 6:], v[1:, :, 6:], enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(last[1:], ref)
+
+
+def test_reference_path_matches_the_dense_block_diagonal_mask():
+    """The CPU path of ``_varlen`` is plain attention under a block-diagonal causal mask (what SDPA computes for a
+    packed row in transformers' own ``sdpa`` mode)."""
+    torch.manual_seed(4)
+    lengths = [3, 9, 4]
+    q, k, v = (torch.randn(sum(lengths), 4, 8) for _ in range(3))
+    cu = torch.tensor([0, 3, 12, 16])
+    record = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    allowed = (record[:, None] == record[None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
+    dense = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed)
+    torch.testing.assert_close(_varlen(q, k, v, cu, 9, True, None), dense.transpose(0, 1))
