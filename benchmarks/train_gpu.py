@@ -21,6 +21,7 @@ loss curve, and the table compares mmdata with LLaMA-Factory at the same packing
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -30,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+if importlib.util.find_spec("mmdata") is None:  # not installed: the checkout's (built-in recipes need the install)
+    sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import architecture_flops, step_clock, summarise  # noqa: E402
@@ -540,17 +542,17 @@ def cmd_peers(args) -> None:
             record(run_mmdata(root, kind, args.steps, args.warmup, **run))
         except Exception as e:  # keep going: one failure must not lose the other figures
             record({"run": f"mmdata/{kind}/{run}", "error": repr(e)[:500]})
-    for kind in args.tutorial.split(",") if args.tutorial else ():
-        try:
-            record(run_tutorial(root, kind, args.tutorial_steps, min(args.warmup, args.tutorial_steps - 1)))
-        except Exception as e:
-            record({"run": f"tutorial/{kind}", "error": repr(e)[:500]})
     for spec in args.profile.split(",") if args.profile else ():
         kind, batch, batching = spec.split(":")
         try:
             print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack"), flush=True)
         except Exception as e:
             print("profile failed", repr(e)[:300], flush=True)
+    for kind in args.tutorial.split(",") if args.tutorial else ():
+        try:
+            record(run_tutorial(root, kind, args.tutorial_steps, min(args.warmup, args.tutorial_steps - 1)))
+        except Exception as e:
+            record({"run": f"tutorial/{kind}", "error": repr(e)[:500]})
     print(table(results), flush=True)
 
 
