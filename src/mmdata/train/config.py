@@ -66,8 +66,8 @@ class TrainConfig(BaseModel):
     cutoff_len: int = Field(2048, ge=16)
     batching: Literal["auto", "pad", "pack"] = Field(
         "auto", description="pad: length-grouped padded micro-batches; pack: each micro-batch's records in one "
-                            "padding-free row, every record attending only to itself; auto: pack with a "
-                            "variable-length attention kernel (flash-attn or PyTorch's), pad otherwise")
+                            "padding-free row, every record attending only to itself; auto: pack with flash-attn, "
+                            "pad otherwise")
     packing: bool | None = Field(None, description="LLaMA-Factory's spelling: true is batching: pack, false is "
                                                    "batching: pad")
     dataloader_num_workers: int | None = Field(None, ge=0, description="default: min(8, CPUs - 1)")

@@ -201,7 +201,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     dtype = pick_dtype(config.precision)
     attn = pick_attention(config.attn_implementation)
     adapter_dtype = pick_adapter_dtype(config, dtype)
-    pack = config.batching == "pack" or (config.batching == "auto" and attn.startswith("flash"))
+    # auto packs only with flash-attn; with flash_varlen_torch padded rows measured faster on the GPU benchmark
+    # (length-grouped micro-batches pad little; benchmarks/README.md)
+    pack = config.batching == "pack" or (config.batching == "auto" and attn == "flash_attention_2")
     # arguments before the model: with DeepSpeed ZeRO-3 this makes from_pretrained load weights partitioned
     args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set))
     model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
