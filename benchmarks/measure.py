@@ -131,4 +131,5 @@ def summarise(name: str, clock, warmup: int, coef: dict, **extra) -> dict:
             "peak_mem_gb": round(peak, 2), "mfu_pct": round(100 * flops / seconds / PEAK_BF16, 2),
             "data_wait_pct": round(100 * (clock.waits[-1] - clock.waits[warmup - 1]) / seconds, 1),
             "step_s": round(seconds / len(window), 3), "first_step_s": round(clock.ends[0] - clock.start, 1),
+            "step_times_s": [round(b - a, 3) for a, b in zip(clock.ends[warmup - 1:-1], clock.ends[warmup:], strict=True)],
             **extra}

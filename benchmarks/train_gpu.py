@@ -284,6 +284,9 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 1
         max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
         adapter_dtype=adapter_dtype, compile=compile)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     record = train(config, callbacks=[clock], trainer_class=instrument(_trainer_class()))
     state = json.loads((output_dir / "trainer_state.json").read_text())
     name = (f"mmdata/{kind}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
@@ -291,6 +294,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 1
             + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
     return summarise(name, clock, warmup, COEF, kind=kind, packing=record["batching"],
                      dropped=record["data"]["train"]["dropped"],
+                     new_compiled_graphs=counters["stats"]["unique_graphs"] - graphs,
                      losses=[h["loss"] for h in state["log_history"] if "loss" in h])
 
 

@@ -380,6 +380,17 @@ def test_adapter_dtype_choices():
         pick_adapter_dtype(load_train_config(None, model="m", dataset="d", adapter_dtype="bf16"), torch.float32)
 
 
+def test_packed_training_with_pytorchs_varlen_attention_learns(tiny_model, build_dir, tmp_path):
+    """`mmdata train --packing --attn-implementation flash_varlen_torch`: one packed row per micro-batch through
+    mmdata's attention function (on the CPU its record-by-record path), and the loss falls as with padded rows."""
+    out = tmp_path / "packed"
+    state = _train_cli(tiny_model, build_dir, out, 20, "--packing", "--attn-implementation", "flash_varlen_torch")
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] <= losses[0] / 2, losses
+    record = json.loads((out / "mmdata_train.json").read_text())
+    assert record["batching"] == "pack" and record["attn_implementation"] == "flash_varlen_torch"
+
+
 def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_dir, tmp_path):
     out = tmp_path / "amp"
     state = _train_cli(tiny_model, build_dir, out, 20, "--precision", "bf16", "--adapter-dtype", "fp32")
@@ -414,6 +425,42 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
     assert len(curves[True]) == 6 + 2  # six training losses, two evaluations on the val split
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+
+
+def test_packing_is_llamafactorys_spelling_of_batching_pack():
+    """packing: true / --packing means batching: pack, false means pad; a contradiction names both options."""
+    from mmdata.train.cli import add_train_commands
+
+    assert load_train_config(None, model="m", dataset="d", packing=True).batching == "pack"
+    assert load_train_config(None, model="m", dataset="d", packing=False).batching == "pad"
+    assert load_train_config(None, model="m", dataset="d").batching == "auto"
+    with pytest.raises(TrainError, match="packing: false contradicts batching: pack"):
+        load_train_config(None, model="m", dataset="d", packing=False, batching="pack")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers())
+    args = parser.parse_args(["train", "--packing", "--attn-implementation", "flash_varlen_torch"])
+    assert args.packing is True and args.attn_implementation == "flash_varlen_torch"
+
+
+def test_attention_choice_for_training_and_generation():
+    """auto trains with flash_attention_2 (flash-attn installed), else PyTorch's variable-length kernel on a GPU,
+    else SDPA; generation never gets the training-only function."""
+    from mmdata.train.attention import ATTENTION_NAME, torch_varlen_available
+    from mmdata.train.model import pick_attention
+
+    expected = "sdpa"
+    if torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn"):
+            expected = "flash_attention_2"
+        elif torch_varlen_available():
+            expected = ATTENTION_NAME
+    assert pick_attention("auto") == expected
+    assert pick_attention("auto", training=False) in ("sdpa", "flash_attention_2")
+    assert pick_attention(ATTENTION_NAME) == ATTENTION_NAME  # explicit: also on the CPU (records one by one)
 
 
 def test_compile_choices():

@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config
     from .trainer import train
 
-    fields = ["model", "dataset", "output_dir", "use_dora", "lora_vision", "gradient_checkpointing", "resume"]
+    fields = ["model", "dataset", "output_dir", "use_dora", "lora_vision", "gradient_checkpointing", "resume", "packing"]
     fields += [flag[2:].replace("-", "_") for flag in _TRAIN_FLAGS]
     config = load_train_config(args.config, **{f: getattr(args, f) for f in fields})
     record = train(config)
