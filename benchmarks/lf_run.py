@@ -45,7 +45,8 @@ def run_job(job: dict) -> dict:
         workflow.CustomSeq2SeqTrainer = original
     state = json.loads(Path(args["output_dir"], "trainer_state.json").read_text())
     result = summarise(f"llamafactory/{job['name']}", clock, job["warmup"], architecture_flops(config),
-                       kind=job["kind"], packing=job["packing"], llamafactory=llamafactory.__version__,
+                       kind=job["kind"], family=job["family"], packing=job["packing"],
+                       llamafactory=llamafactory.__version__,
                        transformers=__import__("transformers").__version__,
                        changed=job["set"])
     result["losses"] = [h["loss"] for h in state["log_history"] if "loss" in h]

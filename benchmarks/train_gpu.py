@@ -51,9 +51,40 @@ QWEN2VL_2B = {
                       "temporal_patch_size": 2},
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
 }
-COEF = architecture_flops(QWEN2VL_2B)
+# Qwen/Qwen3-VL-2B-Instruct config.json (the same special-token ids as Qwen2-VL).
+QWEN3VL_2B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
+    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen3_vl_text", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 262144,
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True, "vocab_size": 151936},
+    "vision_config": {
+        "model_type": "qwen3_vl", "deepstack_visual_indexes": [5, 11, 17], "depth": 24,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02,
+        "intermediate_size": 4096, "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2048,
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+}
+# family -> (architecture, folder of its random model, 2-layer variant for trying the harness on a CPU)
+FAMILIES = {
+    "qwen2_vl": (QWEN2VL_2B, "qwen2vl-2b-random", {
+        **QWEN2VL_2B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_window_layers": 2,
+        "vision_config": {**QWEN2VL_2B["vision_config"], "depth": 2, "embed_dim": 64, "num_heads": 4,
+                          "hidden_size": 256}}),
+    "qwen3_vl": (QWEN3VL_2B, "qwen3vl-2b-random", {
+        **QWEN3VL_2B,
+        "text_config": {**QWEN3VL_2B["text_config"], "hidden_size": 256, "intermediate_size": 512,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
+        "vision_config": {**QWEN3VL_2B["vision_config"], "deepstack_visual_indexes": [0, 1], "depth": 2,
+                          "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 256}}),
+}
 EOS_ID, PAD_ID = 151645, 151643  # <|im_end|> ends every reply; the tutorial ends its labels with the pad id
-MODEL_DIR = "qwen2vl-2b-random"
+MODEL_DIR = FAMILIES["qwen2_vl"][1]  # the tutorial's model
 KINDS = ("latex", "med")
 SAMPLES_PER_STEP = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,32 +104,28 @@ MED_WORDS = ("the image shows a computed tomography scan of the abdomen with con
 # ------------------------------------------------------------------------------------------------ preparation
 
 
-def prepare(root: Path, n: int, small: bool = False) -> None:
-    """The random model, then per dataset: a JSONL source with images, its mmdata build, LLaMA-Factory's YAML.
+def prepare(root: Path, n: int, small: bool = False, family: str = "qwen2_vl") -> None:
+    """The random model, then per dataset: a JSONL source with images, its mmdata build (shared by the families),
+    LLaMA-Factory's YAML for this family.
 
     ``small``: a 2-layer model with the same token ids and vision geometry, to try the harness on a CPU."""
     import torch
 
     from mmdata.train.tiny import write_random_model, write_tokenizer_and_processor
 
-    model_dir = root / MODEL_DIR
+    config, folder, small_config = FAMILIES[family]
+    model_dir = root / folder
     if not (model_dir / "model.safetensors.index.json").exists() and not (model_dir / "model.safetensors").exists():
-        ids, _ = write_tokenizer_and_processor(model_dir, pad_vocab_to=151643)
-        assert ids["<|image_pad|>"] == QWEN2VL_2B["image_token_id"]
-        config = QWEN2VL_2B
-        if small:
-            config = {**QWEN2VL_2B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-                      "num_attention_heads": 2, "num_key_value_heads": 1, "max_window_layers": 2,
-                      "vision_config": {**QWEN2VL_2B["vision_config"], "depth": 2, "embed_dim": 64, "num_heads": 4,
-                                        "hidden_size": 256}}
-        write_random_model(model_dir, config, dtype=torch.bfloat16,
+        ids, _ = write_tokenizer_and_processor(model_dir, pad_vocab_to=151643, family=family)
+        assert ids["<|image_pad|>"] == config["image_token_id"]
+        write_random_model(model_dir, small_config if small else config, dtype=torch.bfloat16,
                            device="cuda" if torch.cuda.is_available() else "cpu")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     for kind in KINDS:
         _make_source(root / f"source_{kind}", kind, n, tok)
-        _build(root, kind)
+        _build(root, kind, family)
 
 
 def _make_source(src: Path, kind: str, n: int, tok) -> None:
@@ -130,22 +157,28 @@ def _make_source(src: Path, kind: str, n: int, tok) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def _build(root: Path, kind: str) -> None:
-    """``mmdata build`` of the source, then ``mmdata llamafactory`` (train_lora.yaml) for the random model."""
+def _build(root: Path, kind: str, family: str) -> None:
+    """``mmdata build`` of the source, then ``mmdata llamafactory`` (train_lora.yaml) for the family's random model."""
     import mmdata
     from mmdata.lfconfig import write_llamafactory_configs
 
     out = root / kind
-    if not (out / "train_lora.yaml").exists():
+    if not (out / "mmdata_build.json").exists():
         recipe = root / f"{kind}.yaml"
         recipe.write_text(json.dumps({"name": kind, "source": {"type": "jsonl", "path": f"source_{kind}/rows.jsonl"},
                                       "output": {"dir": str(out)}}))
         mmdata.build(str(recipe), num_proc=min(8, os.cpu_count() or 1))
-        write_llamafactory_configs(out, model=str(root / MODEL_DIR), output_dir=str(root / f"out_lf_{kind}"),
-                                   cutoff_len=_longest_record(root, kind))
+    if not _lf_yaml(root, kind, family).exists():
+        write_llamafactory_configs(out, model=str(root / FAMILIES[family][1]), out_dir=_lf_yaml(root, kind, family).parent,
+                                   output_dir=str(root / f"out_lf_{family}_{kind}"),
+                                   cutoff_len=_longest_record(root, kind, family))
 
 
-def _longest_record(root: Path, kind: str, step: int = 128) -> int:
+def _lf_yaml(root: Path, kind: str, family: str) -> Path:
+    return root / f"lf_{family}_{kind}" / "train_lora.yaml"
+
+
+def _longest_record(root: Path, kind: str, family: str, step: int = 128) -> int:
     """The longest record of the build in this model's tokens, rounded up: the build's own estimate counts text
     for the real Qwen tokenizer, and the benchmark's tokenizer (real special-token ids, small vocabulary) splits
     words into more pieces, so both trainers get the exact figure (nothing dropped or cut)."""
@@ -153,7 +186,7 @@ def _longest_record(root: Path, kind: str, step: int = 128) -> int:
 
     from mmdata.train.data import build_dataset, read_conversations, resolve_split
 
-    processor = AutoProcessor.from_pretrained(root / MODEL_DIR)
+    processor = AutoProcessor.from_pretrained(root / FAMILIES[family][1])
     info, names = resolve_split(root / kind, "train")
     dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
                                cutoff_len=1 << 20)
@@ -250,7 +283,8 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
     trainer = instrument(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate,
                                   callbacks=[clock])
     trainer.train()
-    result = summarise(f"tutorial/{kind}/4x4", clock, warmup, COEF, preprocess_samples_per_s=round(prep, 1),
+    result = summarise(f"tutorial/{kind}/4x4", clock, warmup, _flops_of(model_dir), kind=kind,
+                       packing="pad", family="qwen2_vl", preprocess_samples_per_s=round(prep, 1),
                        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
     del trainer, model
     torch.cuda.empty_cache()
@@ -260,9 +294,9 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
 # ------------------------------------------------------------------------------------------------ mmdata
 
 
-def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 16, accum: int = 1,
-               batching: str = "pad", attn: str = "auto", adapter_dtype: str = "auto", compile: str = "auto",
-               deepspeed: str | None = None, out: Path | None = None) -> dict:
+def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = "qwen2_vl", batch: int = 16,
+               accum: int = 1, batching: str = "pad", attn: str = "auto", adapter_dtype: str = "auto",
+               compile: str = "auto", deepspeed: str | None = None, out: Path | None = None) -> dict:
     import gc
 
     import torch
@@ -275,13 +309,14 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 1
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     clock, instrument = step_clock(eos_id=EOS_ID)
-    output_dir = out or root / f"out_mmdata_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_{compile}"
+    output_dir = out or root / f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_{compile}"
+    folder = FAMILIES[family][1]
     config = load_train_config(
-        None, model=str(root / MODEL_DIR), dataset=str(root / kind), output_dir=str(output_dir),
+        None, model=str(root / folder), dataset=str(root / kind), output_dir=str(output_dir),
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
         precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
-        max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind), deepspeed=deepspeed,
+        max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
         adapter_dtype=adapter_dtype, compile=compile)
     from torch._dynamo.utils import counters
@@ -289,20 +324,31 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, batch: int = 1
     graphs = counters["stats"]["unique_graphs"]
     record = train(config, callbacks=[clock], trainer_class=instrument(_trainer_class()))
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    name = (f"mmdata/{kind}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
+    name = (f"mmdata/{_label(kind, family)}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
             f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
             + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
-    return summarise(name, clock, warmup, COEF, kind=kind, packing=record["batching"],
+    return summarise(name, clock, warmup, _flops_of(root / folder), kind=kind, family=family,
+                     packing=record["batching"],
                      dropped=record["data"]["train"]["dropped"],
                      new_compiled_graphs=counters["stats"]["unique_graphs"] - graphs,
                      losses=[h["loss"] for h in state["log_history"] if "loss" in h])
 
 
-def _build_cutoff(root: Path, kind: str) -> int:
-    """The cutoff_len ``mmdata llamafactory`` measured for the build (both contenders train with it)."""
+def _build_cutoff(root: Path, kind: str, family: str) -> int:
+    """The cutoff_len written into LLaMA-Factory's YAML for the build (both contenders train with it)."""
     import yaml
 
-    return int(yaml.safe_load((root / kind / "train_lora.yaml").read_text())["cutoff_len"])
+    return int(yaml.safe_load(_lf_yaml(root, kind, family).read_text())["cutoff_len"])
+
+
+def _flops_of(model_dir: Path) -> dict:
+    """FLOP coefficients of the model as written (its config.json), as ``lf_run.py`` reads them."""
+    return architecture_flops(json.loads((model_dir / "config.json").read_text()))
+
+
+def _label(kind: str, family: str) -> str:
+    """Run names keep Qwen2-VL's short form (``latex``) and spell out other families (``qwen3_vl/latex``)."""
+    return kind if family == "qwen2_vl" else f"{family}/{kind}"
 
 
 def _mmdata_runs(spec: str) -> list[dict]:
@@ -333,7 +379,7 @@ def _mmdata_runs(spec: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ LLaMA-Factory
 
 
-def lf_setting(root: Path, kind: str, mode: str, steps: int) -> dict:
+def lf_setting(root: Path, kind: str, mode: str, steps: int, family: str = "qwen2_vl") -> dict:
     """The keys of ``mmdata llamafactory``'s train_lora.yaml changed to match the benchmark setting.
 
     ``pad``: 16 rows x 1; ``packing``/``neat`` (``neat_packing``, no attention across records): one row per step of
@@ -344,21 +390,21 @@ def lf_setting(root: Path, kind: str, mode: str, steps: int) -> dict:
                "max_steps": steps, "learning_rate": 1.0e-4, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
                "max_samples": SAMPLES_PER_STEP * steps, "dataloader_num_workers": 8, "logging_steps": 1,
                "preprocessing_num_workers": 1,  # before training, untimed; 16 forked workers hung here
-               "save_steps": 100_000, "plot_loss": False, "output_dir": str(root / f"out_lf_{kind}_{mode}")}
+               "save_steps": 100_000, "plot_loss": False, "output_dir": str(root / f"out_lf_{family}_{kind}_{mode}")}
     if not _has_gpu():  # trying the harness on a CPU
         setting["bf16"] = False
     if mode != "pad":
         setting.update(packing=True, neat_packing=mode == "neat", per_device_train_batch_size=1,
-                       cutoff_len=SAMPLES_PER_STEP * _build_cutoff(root, kind))
+                       cutoff_len=SAMPLES_PER_STEP * _build_cutoff(root, kind, family))
     return setting
 
 
 def run_llamafactory(root: Path, out: Path, jobs: list[tuple[str, str]], steps: int, warmup: int,
-                     python: str, path: str | None) -> list[dict]:
+                     python: str, path: str | None, family: str = "qwen2_vl") -> list[dict]:
     """LLaMA-Factory's trainer on each ``(kind, mode)`` in one process of its own environment (``lf_run.py``)."""
-    spec = [{"name": f"{kind}/{'16x1' if mode == 'pad' else '1x1'}/{mode}", "kind": kind, "packing": mode,
-             "yaml": str(root / kind / "train_lora.yaml"), "warmup": warmup, "eos_id": EOS_ID,
-             "set": lf_setting(root, kind, mode, steps)} for kind, mode in jobs]
+    spec = [{"name": f"{_label(kind, family)}/{'16x1' if mode == 'pad' else '1x1'}/{mode}", "kind": kind,
+             "family": family, "packing": mode, "yaml": str(_lf_yaml(root, kind, family)), "warmup": warmup,
+             "eos_id": EOS_ID, "set": lf_setting(root, kind, mode, steps, family)} for kind, mode in jobs]
     jobs_file, results_file = root / "lf_jobs.json", root / "lf_results.json"
     jobs_file.write_text(json.dumps(spec, indent=1))
     results_file.unlink(missing_ok=True)
@@ -387,9 +433,9 @@ def table(results: list[dict]) -> str:
             continue
         versus = ""
         if r["run"].startswith("mmdata"):
-            same = [x for x in lf if x["kind"] == r["kind"] and x["packing"] == ("pad" if r["packing"] == "pad"
-                                                                                   else "neat")]
-            fastest = max((x for x in lf if x["kind"] == r["kind"]), key=lambda x: x["samples_per_s"], default=None)
+            peers = [x for x in lf if (x["kind"], x.get("family")) == (r["kind"], r.get("family"))]
+            same = [x for x in peers if x["packing"] == ("pad" if r["packing"] == "pad" else "neat")]
+            fastest = max(peers, key=lambda x: x["samples_per_s"], default=None)
             versus = "; ".join(f"{r['samples_per_s'] / x['samples_per_s']:.2f}x samples/s, "
                                f"{r['peak_mem_gb'] - x['peak_mem_gb']:+.2f} GB ({x['packing']})"
                                for x in same[:1] + ([fastest] if fastest else []))
@@ -538,12 +584,13 @@ def cmd_peers(args) -> None:
         print(json.dumps(check_dropout_replay(root)), flush=True)
     jobs = [tuple(item.split(":")) for item in args.llamafactory.split(",") if item]
     if jobs and args.lf_python:
-        for result in run_llamafactory(root, out, jobs, args.steps, args.warmup, args.lf_python, args.lf_path):
+        for result in run_llamafactory(root, out, jobs, args.steps, args.warmup, args.lf_python, args.lf_path,
+                                       args.family):
             record(result)
     for run in _mmdata_runs(args.mmdata) if args.mmdata else ():
         kind = run.pop("kind")
         try:
-            record(run_mmdata(root, kind, args.steps, args.warmup, **run))
+            record(run_mmdata(root, kind, args.steps, args.warmup, family=args.family, **run))
         except Exception as e:  # keep going: one failure must not lose the other figures
             record({"run": f"mmdata/{kind}/{run}", "error": repr(e)[:500]})
     for spec in args.profile.split(",") if args.profile else ():
@@ -623,6 +670,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--n", type=int, default=256, help="prepare: samples per dataset")
     parser.add_argument("--small", action="store_true", help="prepare: a 2-layer model, to try the harness on a CPU")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_vl",
+                        help="the architecture (prepare and peers; the tutorial rows are Qwen2-VL's)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of 16 samples per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--llamafactory", default="latex:pad,latex:packing,latex:neat,med:pad,med:packing,med:neat",
@@ -639,7 +688,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")
     args = parser.parse_args()
     if args.mode == "prepare":
-        prepare(Path(args.root), args.n, args.small)
+        prepare(Path(args.root), args.n, args.small, args.family)
     elif args.mode == "peers":
         cmd_peers(args)
     else:
