@@ -296,7 +296,8 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
 
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = "qwen2_vl", batch: int = 16,
                accum: int = 1, batching: str = "pad", attn: str = "auto", adapter_dtype: str = "auto",
-               compile: str = "auto", deepspeed: str | None = None, out: Path | None = None) -> dict:
+               compile: str = "auto", compile_scope: str = "parts", deepspeed: str | None = None,
+               out: Path | None = None) -> dict:
     import gc
 
     import torch
@@ -309,7 +310,8 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     clock, instrument = step_clock(eos_id=EOS_ID)
-    output_dir = out or root / f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_{compile}"
+    output_dir = out or root / (f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_"
+                                f"{compile}_{compile_scope}")
     folder = FAMILIES[family][1]
     config = load_train_config(
         None, model=str(root / folder), dataset=str(root / kind), output_dir=str(output_dir),
@@ -318,7 +320,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
         precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
         max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
-        adapter_dtype=adapter_dtype, compile=compile)
+        adapter_dtype=adapter_dtype, compile=compile, compile_scope=compile_scope)
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
@@ -326,6 +328,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     name = (f"mmdata/{_label(kind, family)}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
             f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
+            + ("/layers" if record["compiled"] and compile_scope == "layers" else "")
             + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
     return summarise(name, clock, warmup, _flops_of(root / folder), kind=kind, family=family,
                      packing=record["batching"],
@@ -355,7 +358,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
     """``latex:16x1:pack,med:8x2:fp32:eager:sdpa`` -> keyword arguments of :func:`run_mmdata` per run.
 
     After the shape, in any order: ``pad``/``pack`` (batching), ``sdpa``/``varlen`` (attention; default auto),
-    an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto)."""
+    an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto), ``layers``
+    (compile_scope: layers)."""
     runs = []
     for item in spec.split(","):
         kind, shape, *options = item.split(":")
@@ -368,6 +372,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
                 run["attn"] = {"varlen": "flash_varlen_torch"}.get(option, option)
             elif option in ("bf16", "fp32"):
                 run["adapter_dtype"] = option
+            elif option == "layers":
+                run["compile_scope"] = "layers"
             elif option in ("eager", "compiled"):
                 run["compile"] = {"eager": "false", "compiled": "true"}[option]
             else:
@@ -679,7 +685,8 @@ def main() -> None:
     parser.add_argument("--lf-python", default=None, help="python of LLaMA-Factory's environment (none: no runs)")
     parser.add_argument("--lf-path", default=None, help="PYTHONPATH entry holding LLaMA-Factory's own packages")
     parser.add_argument("--mmdata", default="latex:16x1:pad,latex:16x1:pack,med:16x1:pad,med:16x1:pack",
-                        help="mmdata runs: kind:BATCHxACCUM[:pad|pack][:sdpa|varlen][:bf16|fp32][:eager|compiled]")
+                        help="mmdata runs: kind:BATCHxACCUM[:pad|pack][:sdpa|varlen][:bf16|fp32][:eager|compiled]"
+                             "[:layers]")
     parser.add_argument("--tutorial", default="latex,med", help="tutorial runs ('' for none)")
     parser.add_argument("--tutorial-steps", type=int, default=6)
     parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack, comma-separated")

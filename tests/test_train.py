@@ -399,10 +399,11 @@ def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_di
     assert json.loads((out / "mmdata_train.json").read_text())["adapter_dtype"] == "float32"
 
 
-def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
-    """compile: true (each decoder layer's attention, MLP and norms under torch.compile, inside the eager
-    checkpoint) follows the eager loss and eval-loss curves, across micro-batches of different lengths and image
-    counts."""
+@pytest.mark.parametrize("scope", ["parts", "layers"])
+def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
+    """compile: true (each decoder layer's attention, MLP and norms under torch.compile -- or the whole layer --
+    inside the eager checkpoint) follows the eager loss and eval-loss curves, across micro-batches of different
+    lengths and image counts."""
     from torch._dynamo.utils import counters
 
     from mmdata.train.trainer import train
@@ -416,7 +417,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path):
                                    max_steps=6, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                                    per_device_train_batch_size=2, gradient_accumulation_steps=1, logging_steps=1,
                                    save_steps=100, min_pixels=3136, max_pixels=20000, compile=compile_,
-                                   eval_steps=3)
+                                   compile_scope=scope, eval_steps=3)
         record = train(config)
         assert record["compiled"] is compile_
         state = json.loads((out / "trainer_state.json").read_text())
@@ -473,9 +474,11 @@ def test_compile_choices():
         load_train_config(None, model="m", dataset="d", compile=True, deepspeed="ds.json")
 
 
-def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model):
+@pytest.mark.parametrize("scope", ["parts", "layers"])
+def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model, scope):
     """With dropout on, a checkpointed compiled step recomputes the forward's masks: gradients equal those of the
-    same step without checkpointing (a different mask would change every adapter's gradient)."""
+    same step without checkpointing (a different mask would change every adapter's gradient), whether the layers'
+    parts or the whole layers are compiled."""
     from mmdata.train.model import attach_lora, compile_language_layers, load_model
 
     config = load_train_config(None, model=str(tiny_model), dataset="d", lora_dropout=0.3, lora_r=8)
@@ -489,7 +492,7 @@ def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_mode
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        compile_language_layers(model)
+        compile_language_layers(model, scope)
         grads = []
         for length in (40, 72):
             torch.manual_seed(length)

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
 
-from mmdata.train.attention import _varlen, varlen_attention_forward  # noqa: E402
+from mmdata.train.attention import _varlen, training_mask, varlen_attention_forward  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -78,17 +78,29 @@ def test_vision_records_from_cu_seqlens_are_not_causal(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_right_padded_rows_equal_each_row_alone(device):
-    """Right padding (the trainer's padded micro-batches): every real position equals the row attended without its
-    pads, through SDPA's unmasked causal kernel."""
+    """Right padding (the trainer's padded micro-batches): the mask function drops the mask, and every real position
+    of SDPA's unmasked causal kernel equals the row attended without its pads."""
     torch.manual_seed(2)
     q, k, v = _qkv(device, 48, batch=3)
     mask = torch.ones(3, 48, dtype=torch.long, device=device)
     mask[1, 30:] = 0
     mask[2, 7:] = 0
-    out, _ = varlen_attention_forward(Decoder(), q, k, v, mask)
+    assert training_mask(batch_size=3, q_length=48, kv_length=48, attention_mask=mask.bool()) is None
+    out, _ = varlen_attention_forward(Decoder(), q, k, v, None)
     for row, n in enumerate((48, 30, 7)):
         ref = per_record(*(t[row:row + 1] for t in (q, k, v)), [n], causal=True)
         _close(out[row:row + 1, :n], ref, device)
+
+
+def test_the_mask_function_keeps_left_padding_and_cached_queries():
+    """Left padding, or fewer queries than keys (cached generation), keep their 2-D mask; no padding gives None."""
+    left = torch.ones(2, 10, dtype=torch.bool)
+    left[1, :3] = False
+    assert torch.equal(training_mask(batch_size=2, q_length=10, kv_length=10, attention_mask=left), left)
+    right = left.flip(1)
+    assert torch.equal(training_mask(batch_size=2, q_length=1, kv_length=10, attention_mask=right), right)
+    full = torch.ones(2, 10, dtype=torch.bool)
+    assert training_mask(batch_size=2, q_length=10, kv_length=10, attention_mask=full) is None
 
 
 def test_left_padding_and_cached_generation_fall_back_to_masked_sdpa():

@@ -15,13 +15,15 @@ call per block for every image) and the text model passes no 4-D mask. The funct
 - ``cu_seq_lens_q`` given (the vision tower): one variable-length call;
 - no mask, one row whose text positions restart at 0 (a packed row): the records' boundaries come from the
   positions, once per forward, and each record attends only to itself;
-- a right-padded 2-D mask (the trainer's padded rows) or no mask: causal SDPA without a mask, i.e. its flash kernel.
-  With right padding a real token never sees a pad (pads come after it), so the result at every real position is
-  exact; pad positions are never labelled.
+- no mask: causal SDPA without a mask, i.e. its flash kernel. The mask function (:func:`training_mask`, run once
+  per forward by the text model, outside the layers) drops a right-padded 2-D mask, as the trainer's padded rows
+  have: with right padding a real token never sees a pad (pads come after it), so the result at every real
+  position is exact, and pad positions are never labelled.
 
 Anything else (left padding, a query shorter than its keys as in cached generation, fp32) goes to transformers' own
 SDPA function with the equivalent 4-D mask, and on the CPU (tests) the variable-length call is SDPA record by record,
-so the same code path is checked without a GPU.
+so the same code path is checked without a GPU. Only the packed rows' boundaries are computed outside compiled
+graphs (they depend on the data); the rest compiles with the layer around it.
 """
 
 from __future__ import annotations
@@ -50,15 +52,25 @@ def register_attention() -> str:
     """Register :func:`varlen_attention_forward` with transformers (idempotent); returns its name for
     ``attn_implementation``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
-    # the 2-D padding mask (None when nothing is padded), as for flash-attn: no 4-D mask is ever built
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, training_mask)
     return ATTENTION_NAME
 
 
-@torch.compiler.disable  # data-dependent boundaries and a host-side length: kept out of compiled graphs
+def training_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
+    """The mask the layers get: None where nothing is padded or only the right is (no 4-D mask is ever built),
+    else the 2-D padding mask (see the module docstring). Signature of transformers' mask functions."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                                **kwargs)
+    if mask is not None and q_length == kv_length and _right_padded(mask):
+        return None
+    return mask
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              is_causal=None, cu_seq_lens_q=None, max_length_q=None, position_ids=None, **kwargs):
     """transformers' attention-function contract: ``query`` is (batch, heads, length, dim), ``key``/``value`` may have
@@ -71,7 +83,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim) for t in (query, key, value))
         out = _varlen(q, k, v, cu_seq_lens_q, int(max_length_q), causal, scaling)
         return out.view(batch, length, heads, dim), None
-    if key.shape[2] == length and (attention_mask is None or _right_padded(attention_mask)):
+    if key.shape[2] == length and attention_mask is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and length > 1, scale=scaling,
                                              dropout_p=dropout, enable_gqa=key.shape[1] != heads)
         return out.transpose(1, 2), None
@@ -104,11 +116,11 @@ def _varlen(q, k, v, cu_seqlens, max_length, causal, scale):
     ])
 
 
-# one entry each: the same positions / mask tensor serves every layer of a forward (and its recomputation)
+# the same positions tensor serves every layer of a forward (and its recomputation)
 _seen_positions: list = [None, None]
-_seen_mask: list = [None, None]
 
 
+@torch.compiler.disable  # data-dependent boundaries and a host-side length: kept out of compiled graphs
 def _packed_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(cu_seqlens, longest record)`` of a packed row: a record starts wherever the text position is 0."""
     if _seen_positions[0] is not position_ids:
@@ -123,10 +135,7 @@ def _packed_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _right_padded(mask: torch.Tensor) -> bool:
     """Whether a 2-D mask only pads on the right (every row: ones, then zeros)."""
-    if _seen_mask[0] is not mask:
-        result = mask.dim() == 2 and bool((mask[:, 1:].int() <= mask[:, :-1].int()).all())
-        _seen_mask[:] = [mask, result]
-    return _seen_mask[1]
+    return mask.dim() == 2 and bool((mask[:, 1:].int() <= mask[:, :-1].int()).all())
 
 
 def _dense_mask(mask: torch.Tensor | None, q_length: int, kv_length: int) -> torch.Tensor | None:

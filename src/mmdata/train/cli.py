@@ -25,6 +25,7 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--batching": {"choices": ["auto", "pad", "pack"]}, "--report-to": {"choices": ["none", "tensorboard", "swanlab"]},
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},
     "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile each layer's attention/MLP/norms (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
+    "--compile-scope": {"choices": ["parts", "layers"], "help": "parts: attention/MLP/norms each; layers: each decoder layer whole"},
 }
 
 

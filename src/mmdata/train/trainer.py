@@ -211,7 +211,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     run_frozen_vision_without_grad(model)
     compiled = should_compile(config)
     if compiled:
-        compile_language_layers(model)
+        compile_language_layers(model, config.compile_scope)
     trainer = (trainer_class or _trainer_class())(
         callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
