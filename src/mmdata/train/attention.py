@@ -22,8 +22,9 @@ call per block for every image) and the text model passes no 4-D mask. The funct
 
 Anything else (left padding, a query shorter than its keys as in cached generation, fp32) goes to transformers' own
 SDPA function with the equivalent 4-D mask, and on the CPU (tests) the variable-length call is SDPA record by record,
-so the same code path is checked without a GPU. Only the packed rows' boundaries are computed outside compiled
-graphs (they depend on the data); the rest compiles with the layer around it.
+so the same code path is checked without a GPU. The variable-length calls and the packed rows' boundaries run
+outside compiled graphs (a record length that changes every micro-batch would recompile them); the padded path
+compiles with the layer around it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                                   dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
 
 
+@torch.compiler.disable  # a host-side length per micro-batch would make compiled graphs recompile for each
 def _varlen(q, k, v, cu_seqlens, max_length, causal, scale):
     """Attention over the records ``cu_seqlens`` marks in (tokens, heads, dim) tensors, each record on its own."""
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
