@@ -33,7 +33,7 @@ def run_job(job: dict) -> dict:
     args = yaml.safe_load(Path(job["yaml"]).read_text())
     args.update(job["set"])
     config = json.loads(Path(args["model_name_or_path"], "config.json").read_text())
-    clock, instrument = step_clock(eos_id=job["eos_id"])
+    clock, instrument = step_clock(eos_id=job["eos_id"], pad_id=job["pad_id"])
     original = workflow.CustomSeq2SeqTrainer
     workflow.CustomSeq2SeqTrainer = instrument(original)
     if torch.cuda.is_available():

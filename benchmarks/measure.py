@@ -40,22 +40,28 @@ def architecture_flops(config: dict) -> dict:
     depth = vision["depth"]
     merge = vision.get("spatial_merge_size", 2) ** 2
     out = vision.get("out_hidden_size") or h
+    mergers = 1 + len(vision.get("deepstack_visual_indexes") or [])  # Qwen3-VL: DeepStack mergers too
     return {"per_token": 4 * body + 6 * lora, "attention": 3 * layers * 2 * 2 * q_dim / 2,
             "per_label": 4 * h * text["vocab_size"],
-            "per_patch": 2 * depth * (e * 3 * e + e * e + 2 * e * mlp) + 2 * (merge * e * merge * e + merge * e * out) / merge,
+            "per_patch": 2 * depth * (e * 3 * e + e * e + 2 * e * mlp)
+            + mergers * 2 * (merge * e * merge * e + merge * e * out) / merge,
             "vision_attention": depth * 2 * 2 * e}
 
 
-def count_batch(inputs: dict, eos_id: int) -> dict:
+def count_batch(inputs: dict, eos_id: int, pad_id: int) -> dict:
     """Samples, real tokens, labelled tokens and image patches of one micro-batch, padded or packed.
 
-    A sample is counted at its labelled end token (one reply per sample in these benchmarks); real tokens are the
-    non-zero attention-mask entries (LLaMA-Factory's neat packing numbers its records 1..k in the mask), or every
-    token of a row without a mask (packed rows).
+    A sample is counted at its labelled end token (one reply per sample in these benchmarks). Real tokens are the
+    ids other than the pad id, within a 2-D mask where there is one: LLaMA-Factory pads a packed row to its cutoff
+    with pad ids under mask 1 (plain packing) or hands a 4-D mask (neat packing without flash-attn). The tutorial
+    ends each row with a pad id it trains on: one token per sample it is not credited with.
     """
     labels = inputs["labels"]
+    real = inputs["input_ids"] != pad_id
     mask = inputs.get("attention_mask")
-    tokens = int((mask != 0).sum()) if mask is not None and mask.dim() == 2 else labels.numel()
+    if mask is not None and mask.dim() == 2:
+        real &= mask != 0
+    tokens = int(real.sum())
     grid = inputs.get("image_grid_thw")
     patches = grid.prod(-1) if grid is not None else torch.zeros(0, dtype=torch.long)
     return {"samples": int((labels == eos_id).sum()), "tokens": tokens, "labelled": int((labels != -100).sum()),
@@ -74,7 +80,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_clock(eos_id: int):
+def step_clock(eos_id: int, pad_id: int):
     """A ``TrainerCallback`` that times optimizer steps, plus ``instrument(trainer_class)`` which makes a trainer
     class count every micro-batch and the time spent waiting for data into that clock."""
     from transformers import TrainerCallback
@@ -102,7 +108,7 @@ def step_clock(eos_id: int):
     def instrument(cls):
         class Counted(cls):
             def training_step(self, model, inputs, *args, **kwargs):
-                clock.pending.append(count_batch(inputs, eos_id))
+                clock.pending.append(count_batch(inputs, eos_id, pad_id))
                 return super().training_step(model, inputs, *args, **kwargs)
 
             def get_batch_samples(self, *args, **kwargs):
@@ -118,9 +124,10 @@ def step_clock(eos_id: int):
 
 
 def summarise(name: str, clock, warmup: int, coef: dict, **extra) -> dict:
-    """Steady-state figures over the optimizer steps after ``warmup``."""
+    """Steady-state figures over the optimizer steps after ``warmup`` (0: from the start of training)."""
     window = clock.steps[warmup:]
-    seconds = clock.ends[-1] - clock.ends[warmup - 1]
+    ends = [clock.start] + clock.ends  # ends[i]: when step i-1 ended; ends[0]: training began
+    seconds = ends[-1] - ends[warmup]
     total = {k: sum(s[k] for s in window) for k in window[0]}
     flops = sum(step_flops(s, coef) for s in window)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -129,7 +136,7 @@ def summarise(name: str, clock, warmup: int, coef: dict, **extra) -> dict:
             "tokens_per_sample": round(total["tokens"] / max(total["samples"], 1), 1),
             "samples_per_step": round(total["samples"] / len(window), 1),
             "peak_mem_gb": round(peak, 2), "mfu_pct": round(100 * flops / seconds / PEAK_BF16, 2),
-            "data_wait_pct": round(100 * (clock.waits[-1] - clock.waits[warmup - 1]) / seconds, 1),
+            "data_wait_pct": round(100 * (clock.waits[-1] - ([0.0] + clock.waits)[warmup]) / seconds, 1),
             "step_s": round(seconds / len(window), 3), "first_step_s": round(clock.ends[0] - clock.start, 1),
-            "step_times_s": [round(b - a, 3) for a, b in zip(clock.ends[warmup - 1:-1], clock.ends[warmup:], strict=True)],
+            "step_times_s": [round(b - a, 3) for a, b in zip(ends[warmup:-1], ends[warmup + 1:], strict=True)],
             **extra}

@@ -279,7 +279,7 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
                              gradient_accumulation_steps=4, logging_steps=1, max_steps=steps, learning_rate=1e-4,
                              save_strategy="no", gradient_checkpointing=True, bf16=True, report_to="none",
                              remove_unused_columns=False)
-    clock, instrument = step_clock(eos_id=PAD_ID)
+    clock, instrument = step_clock(eos_id=PAD_ID, pad_id=PAD_ID)
     trainer = instrument(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate,
                                   callbacks=[clock])
     trainer.train()
@@ -309,7 +309,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    clock, instrument = step_clock(eos_id=EOS_ID)
+    clock, instrument = step_clock(eos_id=EOS_ID, pad_id=PAD_ID)
     output_dir = out or root / (f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_"
                                 f"{compile}_{compile_scope}")
     folder = FAMILIES[family][1]
@@ -410,7 +410,8 @@ def run_llamafactory(root: Path, out: Path, jobs: list[tuple[str, str]], steps: 
     """LLaMA-Factory's trainer on each ``(kind, mode)`` in one process of its own environment (``lf_run.py``)."""
     spec = [{"name": f"{_label(kind, family)}/{'16x1' if mode == 'pad' else '1x1'}/{mode}", "kind": kind,
              "family": family, "packing": mode, "yaml": str(_lf_yaml(root, kind, family)), "warmup": warmup,
-             "eos_id": EOS_ID, "set": lf_setting(root, kind, mode, steps, family)} for kind, mode in jobs]
+             "eos_id": EOS_ID, "pad_id": PAD_ID, "set": lf_setting(root, kind, mode, steps, family)}
+            for kind, mode in jobs]
     jobs_file, results_file = root / "lf_jobs.json", root / "lf_results.json"
     jobs_file.write_text(json.dumps(spec, indent=1))
     results_file.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ def measure():
     return module
 
 
-EOS = 7
+EOS, PAD = 7, 8
 QWEN2VL_2B_TEXT = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
                    "num_key_value_heads": 2, "vocab_size": 151936}
 QWEN2VL_2B_VISION = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "hidden_size": 1536, "spatial_merge_size": 2}
@@ -55,19 +55,24 @@ def test_counts_of_padded_packed_and_neat_packed_micro_batches(measure):
     labels = torch.full((2, 6), -100)
     labels[0, 2:4] = torch.tensor([5, EOS])
     labels[1, 1:3] = torch.tensor([5, EOS])
-    padded = {"labels": labels, "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]),
+    ids = torch.tensor([[3, 4, 5, EOS, PAD, PAD], [3, 5, EOS, PAD, PAD, PAD]])
+    padded = {"input_ids": ids, "labels": labels,
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]),
               "image_grid_thw": torch.tensor([[1, 4, 6], [1, 2, 2]])}
-    assert measure.count_batch(padded, EOS) == {"samples": 2, "tokens": 7, "labelled": 4, "patches": 28,
-                                                "patches_sq": 24 ** 2 + 4 ** 2}
-    packed = {"labels": labels.reshape(1, -1)}
-    assert measure.count_batch(packed, EOS)["tokens"] == 12 and measure.count_batch(packed, EOS)["samples"] == 2
-    neat = {"labels": labels.reshape(1, -1), "attention_mask": torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0]])}
-    assert measure.count_batch(neat, EOS)["tokens"] == 9
+    assert measure.count_batch(padded, EOS, PAD) == {"samples": 2, "tokens": 7, "labelled": 4, "patches": 28,
+                                                     "patches_sq": 24 ** 2 + 4 ** 2}
+    row = torch.tensor([[3, 4, 5, EOS, 3, 5, EOS, 9, 9, PAD, PAD, PAD]])
+    packed = {"input_ids": row, "labels": labels.reshape(1, -1)}
+    assert measure.count_batch(packed, EOS, PAD)["tokens"] == 9 and measure.count_batch(packed, EOS, PAD)["samples"] == 2
+    plain = {**packed, "attention_mask": torch.ones(1, 12, dtype=torch.long)}  # LLaMA-Factory: pads under mask 1
+    assert measure.count_batch(plain, EOS, PAD)["tokens"] == 9
+    neat = {**packed, "attention_mask": torch.zeros(1, 1, 12, 12)}  # its 4-D mask without flash-attn
+    assert measure.count_batch(neat, EOS, PAD)["tokens"] == 9
 
 
 def test_summary_covers_the_steps_after_warmup(measure):
     """samples/s, tokens/s and per-step times from the clock's steps after the warm-up."""
-    clock, _ = measure.step_clock(eos_id=EOS)
+    clock, _ = measure.step_clock(eos_id=EOS, pad_id=PAD)
     clock.start = 0.0
     clock.ends = [10.0, 11.0, 12.0, 14.0]
     clock.waits = [0.0, 0.1, 0.1, 0.3]
@@ -77,3 +82,5 @@ def test_summary_covers_the_steps_after_warmup(measure):
     assert result["steps_timed"] == 3 and result["samples_per_s"] == round(48 / 4, 2)
     assert result["tokens_per_s"] == 2400.0 and result["step_times_s"] == [1.0, 1.0, 2.0]
     assert result["data_wait_pct"] == round(100 * 0.3 / 4, 1) and result["first_step_s"] == 10.0
+    from_start = measure.summarise("x", clock, 0, coef)
+    assert from_start["steps_timed"] == 4 and from_start["step_times_s"] == [10.0, 1.0, 1.0, 2.0]

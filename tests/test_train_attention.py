@@ -130,3 +130,30 @@ def test_reference_path_matches_the_dense_block_diagonal_mask():
     allowed = (record[:, None] == record[None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
     dense = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed)
     torch.testing.assert_close(_varlen(q, k, v, cu, 9, True, None), dense.transpose(0, 1))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_generation_through_the_training_attention_equals_sdpa(tmp_path, family):
+    """Greedy generation (one row, no padding: positions come with the queries, then one query over cached keys)
+    scores every step as SDPA does; and two left-padded rows too."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmdata.train.model import use_attention
+    from mmdata.train.tiny import make_tiny_model
+
+    model = AutoModelForImageTextToText.from_pretrained(make_tiny_model(tmp_path / family, family),
+                                                        attn_implementation="sdpa", dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(10, 500, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    options = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    runs = {}
+    for name in ("sdpa", "flash_varlen_torch"):
+        use_attention(model, name)
+        runs[name] = [model.generate(ids[:1], attention_mask=mask[:1], **options),
+                      model.generate(ids, attention_mask=mask, **options)]
+    for reference, got in zip(runs["sdpa"], runs["flash_varlen_torch"], strict=True):
+        assert torch.equal(reference.sequences, got.sequences)
+        for a, b in zip(reference.scores, got.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

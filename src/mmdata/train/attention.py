@@ -73,12 +73,17 @@ def training_mask(*args, attention_mask=None, q_length=None, kv_length=None, **k
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             is_causal=None, cu_seq_lens_q=None, max_length_q=None, position_ids=None, **kwargs):
+                             is_causal=None, cu_seq_lens_q=None, max_length_q=None, position_ids=None,
+                             sliding_window=None, **kwargs):
     """transformers' attention-function contract: ``query`` is (batch, heads, length, dim), ``key``/``value`` may have
     fewer heads (GQA); returns ``(output (batch, length, heads, dim), None)``."""
+    if sliding_window is not None:
+        raise ValueError(f"{ATTENTION_NAME} has no sliding-window attention (this config enables it): use "
+                         "attn_implementation sdpa or flash_attention_2")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     batch, heads, length, dim = query.shape
-    if cu_seq_lens_q is None and attention_mask is None and batch == 1 and position_ids is not None:
+    packed_row = attention_mask is None and batch == 1 and key.shape[2] == length  # not a query over cached keys
+    if cu_seq_lens_q is None and packed_row and position_ids is not None:
         cu_seq_lens_q, max_length_q = _packed_boundaries(position_ids)
     if cu_seq_lens_q is not None:
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim) for t in (query, key, value))
@@ -90,8 +95,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         return out.transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, _dense_mask(attention_mask, length, key.shape[2]),
-                                  dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+    dense = _dense_mask(attention_mask, length, key.shape[2], causal)
+    return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, is_causal=False,
+                                  **kwargs)
 
 
 @torch.compiler.disable  # a host-side length per micro-batch would make compiled graphs recompile for each
@@ -140,13 +146,13 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return mask.dim() == 2 and bool((mask[:, 1:].int() <= mask[:, :-1].int()).all())
 
 
-def _dense_mask(mask: torch.Tensor | None, q_length: int, kv_length: int) -> torch.Tensor | None:
-    """The boolean (batch, 1, q, kv) causal-and-padding mask SDPA takes, queries aligned to the last keys."""
+def _dense_mask(mask: torch.Tensor | None, q_length: int, kv_length: int, causal: bool = True) -> torch.Tensor | None:
+    """The boolean (batch, 1, q, kv) padding (and causal) mask SDPA takes, queries aligned to the last keys."""
     if mask is not None and mask.dim() == 4:
         return mask
-    offset = kv_length - q_length
     device = mask.device if mask is not None else None
-    dense = torch.ones(q_length, kv_length, dtype=torch.bool, device=device).tril(offset)[None, None]
+    dense = torch.ones(q_length, kv_length, dtype=torch.bool, device=device)
+    dense = (dense.tril(kv_length - q_length) if causal else dense)[None, None]
     if mask is not None:
         dense = dense & mask[:, None, None, -kv_length:].bool()
     return dense | ~dense.any(-1, keepdim=True)  # a pad query that sees nothing sees everything (no NaN to spread)
