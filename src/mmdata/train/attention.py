@@ -49,15 +49,14 @@ def torch_varlen_available() -> bool:
     return _torch_varlen_attn is not None and torch.cuda.is_available()
 
 
-def register_attention() -> str:
-    """Register :func:`varlen_attention_forward` with transformers (idempotent); returns its name for
-    ``attn_implementation``."""
+def register_attention() -> None:
+    """Register :func:`varlen_attention_forward` and :func:`training_mask` with transformers under
+    :data:`ATTENTION_NAME` (idempotent; ``model.use_attention`` calls it before switching a model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, training_mask)
-    return ATTENTION_NAME
 
 
 def training_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):

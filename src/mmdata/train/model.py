@@ -75,12 +75,10 @@ def pick_attention(name: str, *, training: bool = True) -> str:
     if name == "auto":
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
             return "flash_attention_2"
-        return register_attention() if training and torch_varlen_available() else "sdpa"
+        return ATTENTION_NAME if training and torch_varlen_available() else "sdpa"
     if name == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
         raise TrainError("attn_implementation: flash_attention_2 needs flash-attn: pip install flash-attn, or use sdpa "
                          f"(or {ATTENTION_NAME}: PyTorch's own FlashAttention kernels)")
-    if name == ATTENTION_NAME:
-        return register_attention()
     return name
 
 
