@@ -182,15 +182,21 @@ def _longest_record(root: Path, kind: str, family: str, step: int = 128) -> int:
     """The longest record of the build in this model's tokens, rounded up: the build's own estimate counts text
     for the real Qwen tokenizer, and the benchmark's tokenizer (real special-token ids, small vocabulary) splits
     words into more pieces, so both trainers get the exact figure (nothing dropped or cut)."""
+    dataset, _ = _encoded(root, kind, root / FAMILIES[family][1], cutoff_len=1 << 20)
+    return -(-max(dataset.lengths) // step) * step
+
+
+def _encoded(root: Path, kind: str, model_dir: Path, **limits):
+    """``(dataset, processor)``: the build's train split encoded as the trainer encodes it (768 x 768 pixels)."""
     from transformers import AutoProcessor
 
     from mmdata.train.data import build_dataset, read_conversations, resolve_split
 
-    processor = AutoProcessor.from_pretrained(root / FAMILIES[family][1])
+    processor = AutoProcessor.from_pretrained(model_dir)
     info, names = resolve_split(root / kind, "train")
     dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
-                               cutoff_len=1 << 20)
-    return -(-max(dataset.lengths) // step) * step
+                               **limits)
+    return dataset, processor
 
 
 def _draw(job) -> None:
@@ -455,14 +461,9 @@ def table(results: list[dict]) -> str:
 
 def _micro_batch(root: Path, kind: str, batch: int, pack: bool = False) -> dict:
     """The first ``batch`` training samples of ``kind``, collated as the trainer does, on the GPU."""
-    from transformers import AutoProcessor
+    from mmdata.train.data import VisionSFTCollator
 
-    from mmdata.train.data import VisionSFTCollator, build_dataset, read_conversations, resolve_split
-
-    processor = AutoProcessor.from_pretrained(root / MODEL_DIR)
-    info, names = resolve_split(root / kind, "train")
-    dataset, _ = build_dataset(processor, read_conversations(info, names), min_pixels=3136, max_pixels=768 * 768,
-                               cutoff_len=2048, max_samples=batch)
+    dataset, processor = _encoded(root, kind, root / MODEL_DIR, cutoff_len=2048, max_samples=batch)
     collated = VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack)([dataset[i] for i in range(batch)])
     return {k: v.cuda() for k, v in collated.items()}
 
