@@ -469,7 +469,7 @@ def _micro_batch(root: Path, kind: str, batch: int, pack: bool = False) -> dict:
 
 
 def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True,
-                        pack: bool = False) -> str:
+                        pack: bool = False, scope: str = "parts") -> str:
     """One micro-batch's forward + backward as the trainer runs it (its attention: ``pick_attention("auto")``),
     timed and under torch.profiler."""
     import torch
@@ -480,6 +480,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     from mmdata.train.model import (
         attach_lora,
         compile_language_layers,
+        enable_checkpointing,
         load_model,
         pick_attention,
         run_frozen_vision_without_grad,
@@ -490,11 +491,11 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     attn = pick_attention("auto")
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS)
     model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16, attn=attn), config, torch.bfloat16).cuda()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, keep_dropout=compile_layers and scope == "layers")  # as the trainer does
     model.train()
     run_frozen_vision_without_grad(model)
     if compile_layers:
-        compile_language_layers(model)
+        compile_language_layers(model, scope)
     batch_t.pop("labels")
     positions, targets = batch_t.pop("label_positions"), batch_t.pop("target_labels")
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -522,7 +523,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     visual = base.model.visual if hasattr(base.model, "visual") else base.visual
     lines = [f"micro-batch {batch} x {kind} ({'packed' if pack else 'padded'}, {attn}): "
              f"{batch_t['input_ids'].shape[1]} tokens/row, {targets.numel()} labelled, "
-             f"layers {'compiled' if compile_layers else 'eager'}"]
+             f"layers {f'compiled ({scope})' if compile_layers else 'eager'}"]
     with torch.no_grad():
         lines.append(f"vision tower forward: {timed(lambda: visual(batch_t['pixel_values'].to(torch.bfloat16), grid_thw=batch_t['image_grid_thw'])):.1f} ms")
         lines.append(f"full forward (no grad): {timed(forward):.1f} ms")
@@ -532,18 +533,18 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     text = "\n".join(lines) + "\n" + table
-    (out / f"profile_{kind}_{'pack' if pack else 'pad'}.txt").write_text(text)
+    (out / f"profile_{kind}_{'pack' if pack else 'pad'}_{scope}.txt").write_text(text)
     return "\n".join(lines)
 
 
-def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dict:
+def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2, scope: str = "parts") -> dict:
     """Compiled layers under checkpointing must recompute the forward's LoRA dropout masks on this GPU too: the
     adapter gradients of one micro-batch with and without checkpointing, as a relative difference per tensor
     (bf16 kernels differ in rounding; a different mask gives differences of order 1)."""
     import torch
 
     from mmdata.train.config import load_train_config
-    from mmdata.train.model import attach_lora, compile_language_layers, load_model
+    from mmdata.train.model import attach_lora, compile_language_layers, enable_checkpointing, load_model
 
     model_dir = root / MODEL_DIR
     inputs = {k: v for k, v in _micro_batch(root, kind, batch).items()
@@ -557,9 +558,9 @@ def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dic
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, keep_dropout=scope == "layers")  # as the trainer does
         model.train()
-        compile_language_layers(model)
+        compile_language_layers(model, scope)
         torch.manual_seed(1)
         model(**inputs, use_cache=False).logits.float().logsumexp(-1).mean().backward()
         return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
@@ -567,7 +568,7 @@ def check_dropout_replay(root: Path, kind: str = "latex", batch: int = 2) -> dic
     a, b = gradients(True), gradients(False)
     rel = [((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-12)).item() for n in a]
     torch.cuda.empty_cache()
-    return {"check": "dropout replay (compiled, checkpointing vs not)", "tensors": len(rel),
+    return {"check": f"dropout replay (compiled {scope}, checkpointing vs not)", "tensors": len(rel),
             "max_relative_diff": max(rel), "median_relative_diff": sorted(rel)[len(rel) // 2]}
 
 
@@ -589,7 +590,8 @@ def cmd_peers(args) -> None:
         (out / "table.md").write_text(f"GPU: {gpu}\n\n{table(results)}\n")
 
     if args.check_replay:
-        print(json.dumps(check_dropout_replay(root)), flush=True)
+        for scope in ("parts", "layers"):
+            print(json.dumps(check_dropout_replay(root, scope=scope)), flush=True)
     jobs = [tuple(item.split(":")) for item in args.llamafactory.split(",") if item]
     if jobs and args.lf_python:
         for result in run_llamafactory(root, out, jobs, args.steps, args.warmup, args.lf_python, args.lf_path,
@@ -602,9 +604,10 @@ def cmd_peers(args) -> None:
         except Exception as e:  # keep going: one failure must not lose the other figures
             record({"run": f"mmdata/{kind}/{run}", "error": repr(e)[:500]})
     for spec in args.profile.split(",") if args.profile else ():
-        kind, batch, batching = spec.split(":")
+        kind, batch, batching, *scope = spec.split(":")
         try:
-            print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack"), flush=True)
+            print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack",
+                                      scope=scope[0] if scope else "parts"), flush=True)
         except Exception as e:
             print("profile failed", repr(e)[:300], flush=True)
     for kind in args.tutorial.split(",") if args.tutorial else ():
@@ -691,7 +694,7 @@ def main() -> None:
                              "[:layers]")
     parser.add_argument("--tutorial", default="latex,med", help="tutorial runs ('' for none)")
     parser.add_argument("--tutorial-steps", type=int, default=6)
-    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack, comma-separated")
+    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack[:layers], comma-separated")
     parser.add_argument("--check-replay", action="store_true",
                         help="first compare adapter gradients with and without checkpointing (compiled layers)")
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")

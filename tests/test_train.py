@@ -401,9 +401,9 @@ def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_di
 
 @pytest.mark.parametrize("scope", ["parts", "layers"])
 def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
-    """compile: true (each decoder layer's attention, MLP and norms under torch.compile -- or the whole layer --
-    inside the eager checkpoint) follows the eager loss and eval-loss curves, across micro-batches of different
-    lengths and image counts."""
+    """compile: true (each decoder layer's attention, MLP and norms under torch.compile, or the whole layer with its
+    checkpoint) follows the eager loss and eval-loss curves, across micro-batches of different lengths and image
+    counts."""
     from torch._dynamo.utils import counters
 
     from mmdata.train.trainer import train
@@ -426,6 +426,28 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
     assert len(curves[True]) == 6 + 2  # six training losses, two evaluations on the val split
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+
+
+def test_compiled_whole_layers_train_with_dropout_as_without_checkpointing(tiny_model, tmp_path):
+    """compile_scope: layers with LoRA dropout: the trainer checkpoints keeping the dropout outputs, so a checkpointed
+    run's loss curve is the one without checkpointing (a recomputation that drew new masks would change every
+    adapter gradient from the first step on)."""
+    from mmdata.train.trainer import train
+
+    build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 4, [ONE_TURN])
+    curves = {}
+    for checkpointing in (True, False):
+        out = tmp_path / f"checkpointing_{checkpointing}"
+        config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
+                                   max_steps=5, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.3,
+                                   per_device_train_batch_size=2, logging_steps=1, save_steps=100, min_pixels=3136,
+                                   max_pixels=20000, compile=True, compile_scope="layers",
+                                   gradient_checkpointing=checkpointing)
+        train(config)
+        state = json.loads((out / "trainer_state.json").read_text())
+        curves[checkpointing] = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(curves[True]) == 5
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
 
 
 def test_packing_is_llamafactorys_spelling_of_batching_pack():
@@ -478,8 +500,8 @@ def test_compile_choices():
 def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model, scope):
     """With dropout on, a checkpointed compiled step recomputes the forward's masks: gradients equal those of the
     same step without checkpointing (a different mask would change every adapter's gradient), whether the layers'
-    parts or the whole layers are compiled."""
-    from mmdata.train.model import attach_lora, compile_language_layers, load_model
+    parts or the whole layers are compiled (then checkpointed as the trainer does: keeping dropout outputs)."""
+    from mmdata.train.model import attach_lora, compile_language_layers, enable_checkpointing, load_model
 
     config = load_train_config(None, model=str(tiny_model), dataset="d", lora_dropout=0.3, lora_r=8)
 
@@ -490,7 +512,7 @@ def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_mode
             if "lora_B" in name:  # PEFT starts B at zero, which would hide the masks from the A gradients
                 torch.nn.init.normal_(param, std=0.1)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, keep_dropout=scope == "layers")
         model.train()
         compile_language_layers(model, scope)
         grads = []

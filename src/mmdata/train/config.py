@@ -90,9 +90,10 @@ class TrainConfig(BaseModel):
                             "(PyTorch's own variable-length FlashAttention kernels), else sdpa")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
     compile_scope: Literal["parts", "layers"] = Field(
-        "parts", description="what one compiled region is: parts (each layer's attention, MLP and norms, measured) "
-                             "or layers (each decoder layer whole: fewer region calls per step, for rows where "
-                             "launching kernels bounds the step; not yet measured on a GPU)")
+        "parts", description="what one compiled region is: parts (each layer's attention, MLP and norms) or layers "
+                             "(each decoder layer whole, checkpoint included, keeping the LoRA dropout outputs: "
+                             "fewer region calls per step, more memory; for rows where launching kernels bounds "
+                             "the step)")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the attention, MLP and norms of every language-model layer (fewer, "
                             "fused kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "

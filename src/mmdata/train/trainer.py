@@ -25,6 +25,7 @@ from .loss import NO_POSITIONS, cross_entropy_sum, final_norm, projected_cross_e
 from .model import (
     attach_lora,
     compile_language_layers,
+    enable_checkpointing,
     load_model,
     load_processor,
     pick_adapter_dtype,
@@ -100,9 +101,11 @@ def _trainer_class():
     return VisionSFTTrainer
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: int, has_eval: bool):
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: int, has_eval: bool,
+                        trainer_checkpoints: bool = True):
     """HF ``TrainingArguments`` from the config. ``bf16`` only for DeepSpeed (which then trains in bf16 itself):
-    otherwise bf16 autocast is the trainer's own (see ``_forward_autocast``); fp16 keeps accelerate's loss scaling."""
+    otherwise bf16 autocast is the trainer's own (see ``_forward_autocast``); fp16 keeps accelerate's loss scaling.
+    ``trainer_checkpoints``: False where the model's checkpointing is already enabled (``compile_scope: layers``)."""
     from transformers import TrainingArguments
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -129,7 +132,7 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, num_samples: in
         max_grad_norm=config.max_grad_norm,
         bf16=dtype == torch.bfloat16 and bool(config.deepspeed),
         fp16=dtype == torch.float16,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing and trainer_checkpoints,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -204,12 +207,17 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     # auto packs only with flash-attn; with flash_varlen_torch padded rows measured faster on the GPU benchmark
     # (length-grouped micro-batches pad little; benchmarks/README.md)
     pack = config.batching == "pack" or (config.batching == "auto" and attn == "flash_attention_2")
+    compiled = should_compile(config)
+    # compiled whole layers checkpoint selectively (model.keep_dropout_context), which Trainer cannot be told
+    own_checkpointing = config.gradient_checkpointing and compiled and config.compile_scope == "layers"
     # arguments before the model: with DeepSpeed ZeRO-3 this makes from_pretrained load weights partitioned
-    args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set))
+    args = _training_arguments(config, dtype, len(train_set), has_eval=bool(val_set),
+                               trainer_checkpoints=not own_checkpointing)
     model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
                         config, adapter_dtype)
     run_frozen_vision_without_grad(model)
-    compiled = should_compile(config)
+    if own_checkpointing:
+        enable_checkpointing(model, keep_dropout=True)
     if compiled:
         compile_language_layers(model, config.compile_scope)
     trainer = (trainer_class or _trainer_class())(
