@@ -89,7 +89,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         out = _varlen(q, k, v, cu_seq_lens_q, int(max_length_q), causal, scaling)
         return out.view(batch, length, heads, dim), None
     if key.shape[2] == length and attention_mask is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and length > 1, scale=scaling,
+        causal_here = bool(causal) if length > 1 else False  # a plain bool: a SymBool breaks compiled graphs
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=causal_here, scale=scaling,
                                              dropout_p=dropout, enable_gqa=key.shape[1] != heads)
         return out.transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
