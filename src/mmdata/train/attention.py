@@ -13,18 +13,23 @@ it with transformers' public attention registry (``AttentionInterface`` / ``Atte
 call per block for every image) and the text model passes no 4-D mask. The function then needs only three cases:
 
 - ``cu_seq_lens_q`` given (the vision tower): one variable-length call;
-- no mask, one row whose text positions restart at 0 (a packed row): the records' boundaries come from the
-  positions, once per forward, and each record attends only to itself;
+- no mask, one row whose text positions restart at 0 (a packed row): each record attends only to itself. The
+  records' boundaries come with the batch (``packed_cu_seqlens`` and ``packed_max_length``, made by the trainer's
+  collator on the host: no GPU sync, and the call compiles with the layer around it); a packed row without them
+  gets its boundaries from the positions, once per forward, outside compiled graphs;
 - no mask: causal SDPA without a mask, i.e. its flash kernel. The mask function (:func:`training_mask`, run once
   per forward by the text model, outside the layers) drops a right-padded 2-D mask, as the trainer's padded rows
   have: with right padding a real token never sees a pad (pads come after it), so the result at every real
   position is exact, and pad positions are never labelled.
 
 Anything else (left padding, a query shorter than its keys as in cached generation, fp32) goes to transformers' own
-SDPA function with the equivalent 4-D mask, and on the CPU (tests) the variable-length call is SDPA record by record,
-so the same code path is checked without a GPU. The variable-length calls and the packed rows' boundaries run
-outside compiled graphs (a record length that changes every micro-batch would recompile them); the padded path
-compiles with the layer around it.
+SDPA function with the equivalent 4-D mask, and on the CPU (tests) the variable-length call is SDPA under the
+records' block-diagonal causal mask, so the same code path is checked without a GPU. Both variable-length calls
+trace into compiled graphs (PyTorch's is a custom op; the mask is built from ``cu_seqlens`` on the device), so
+``compile_scope: layers`` compiles packed rows whole, as it does padded ones.
+
+Why the boundaries travel under their own names: the model hands its keyword arguments to the vision tower as
+well as to the text model, and the vision tower passes ``cu_seq_lens_q`` itself (a second one is a TypeError).
 """
 
 from __future__ import annotations
@@ -73,20 +78,24 @@ def training_mask(*args, attention_mask=None, q_length=None, kv_length=None, **k
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              is_causal=None, cu_seq_lens_q=None, max_length_q=None, position_ids=None,
-                             sliding_window=None, **kwargs):
+                             sliding_window=None, packed_cu_seqlens=None, packed_max_length=None, **kwargs):
     """transformers' attention-function contract: ``query`` is (batch, heads, length, dim), ``key``/``value`` may have
-    fewer heads (GQA); returns ``(output (batch, length, heads, dim), None)``."""
+    fewer heads (GQA); returns ``(output (batch, length, heads, dim), None)``. ``packed_cu_seqlens`` (int32, records
+    + 1) and ``packed_max_length`` (the longest record): a packed row's boundaries, from the collator."""
     if sliding_window is not None:
         raise ValueError(f"{ATTENTION_NAME} has no sliding-window attention (this config enables it): use "
                          "attn_implementation sdpa or flash_attention_2")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     batch, heads, length, dim = query.shape
     packed_row = attention_mask is None and batch == 1 and key.shape[2] == length  # not a query over cached keys
-    if cu_seq_lens_q is None and packed_row and position_ids is not None:
+    if cu_seq_lens_q is None and packed_row and packed_cu_seqlens is not None:
+        cu_seq_lens_q, max_length_q = packed_cu_seqlens, packed_max_length
+    elif cu_seq_lens_q is None and packed_row and position_ids is not None:
         cu_seq_lens_q, max_length_q = _packed_boundaries(position_ids)
     if cu_seq_lens_q is not None:
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim) for t in (query, key, value))
-        out = _varlen(q, k, v, cu_seq_lens_q, int(max_length_q), causal, scaling)
+        max_length = max_length_q if isinstance(max_length_q, int | torch.SymInt) else int(max_length_q)
+        out = _varlen(q, k, v, cu_seq_lens_q, max_length, causal, scaling)
         return out.view(batch, length, heads, dim), None
     if key.shape[2] == length and attention_mask is None:
         causal_here = bool(causal) if length > 1 else False  # a plain bool: a SymBool breaks compiled graphs
@@ -100,7 +109,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                                   **kwargs)
 
 
-@torch.compiler.disable  # a host-side length per micro-batch would make compiled graphs recompile for each
 def _varlen(q, k, v, cu_seqlens, max_length, causal, scale):
     """Attention over the records ``cu_seqlens`` marks in (tokens, heads, dim) tensors, each record on its own."""
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -115,13 +123,16 @@ def _varlen(q, k, v, cu_seqlens, max_length, causal, scale):
         else:
             options["is_causal"] = causal
         return _torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
-    # reference path (CPU, fp32, or a torch without varlen_attn): the same result, one SDPA call per record
-    bounds = cu_seqlens.tolist()
-    return torch.cat([
-        F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=causal, scale=scale,
-                                       enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ])
+    # reference path (CPU, fp32, or a torch without varlen_attn): the same result, from SDPA under the records'
+    # block-diagonal mask (quadratic in the row, as transformers' sdpa packing is; no host sync, so it compiles)
+    tokens = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    record = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    allowed = record[:, None] == record[None, :]
+    if causal:
+        allowed = allowed & (tokens[:, None] >= tokens[None, :])
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)
 
 
 # the same positions tensor serves every layer of a forward (and its recomputation)

@@ -25,6 +25,7 @@ The data path, and why it is shaped like this:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -350,7 +351,8 @@ class VisionSFTCollator:
 
     ``label_positions`` (rows x positions, True where the next token is a label) and ``target_labels`` (those labels
     in row-major order) let the step project onto the vocabulary only where a loss is taken (``loss.py``);
-    ``labels`` stays for HF Trainer's token count.
+    ``labels`` stays for HF Trainer's token count. A packed row also carries its records' boundaries
+    (``packed_cu_seqlens``, ``packed_max_length``: what the training attention needs, known here without a GPU sync).
     Padded rows are rounded up to ``pad_to_multiple_of`` tokens: a few padding tokens cost little on a launch-bound
     step, while every new sequence length makes cuDNN's attention build (on the CPU) a plan for that shape.
     """
@@ -367,6 +369,9 @@ class VisionSFTCollator:
             text = torch.cat([torch.arange(len(f["input_ids"])) for f in features])
             mrope = torch.cat([f["position_ids"] for f in features], dim=1)
             batch["position_ids"] = torch.cat([text[None], mrope])[:, None, :]  # 4 x 1 x L: packed (HF convention)
+            lengths = [len(f["input_ids"]) for f in features]
+            batch["packed_cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+            batch["packed_max_length"] = max(lengths)
         else:
             longest = max(len(f["input_ids"]) for f in features)
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
