@@ -301,8 +301,8 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
 
 
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = "qwen2_vl", batch: int = 16,
-               accum: int = 1, batching: str = "pad", attn: str = "auto", adapter_dtype: str = "auto",
-               compile: str = "auto", compile_scope: str = "parts", deepspeed: str | None = None,
+               accum: int = 1, batching: str = "auto", attn: str = "auto", adapter_dtype: str = "auto",
+               compile: str = "auto", compile_scope: str = "layers", deepspeed: str | None = None,
                out: Path | None = None) -> dict:
     import gc
 
@@ -324,7 +324,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
         precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
-        max_samples=SAMPLES_PER_STEP * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
+        max_samples=batch * accum * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
         adapter_dtype=adapter_dtype, compile=compile, compile_scope=compile_scope)
     from torch._dynamo.utils import counters
@@ -334,7 +334,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     name = (f"mmdata/{_label(kind, family)}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
             f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
-            + ("/layers" if record["compiled"] and compile_scope == "layers" else "")
+            + (f"/{record['compile_scope']}" if record["compiled"] else "")
             + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
     return summarise(name, clock, warmup, _flops_of(root / folder), kind=kind, family=family,
                      packing=record["batching"],
@@ -364,8 +364,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
     """``latex:16x1:pack,med:8x2:fp32:eager:sdpa`` -> keyword arguments of :func:`run_mmdata` per run.
 
     After the shape, in any order: ``pad``/``pack`` (batching), ``sdpa``/``varlen`` (attention; default auto),
-    an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto), ``layers``
-    (compile_scope: layers)."""
+    an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto), ``layers``/
+    ``parts`` (compile_scope; default layers). Unnamed options take the trainer's defaults."""
     runs = []
     for item in spec.split(","):
         kind, shape, *options = item.split(":")
@@ -378,8 +378,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
                 run["attn"] = {"varlen": "flash_varlen_torch"}.get(option, option)
             elif option in ("bf16", "fp32"):
                 run["adapter_dtype"] = option
-            elif option == "layers":
-                run["compile_scope"] = "layers"
+            elif option in ("layers", "parts"):
+                run["compile_scope"] = option
             elif option in ("eager", "compiled"):
                 run["compile"] = {"eager": "false", "compiled": "true"}[option]
             else:
@@ -469,7 +469,7 @@ def _micro_batch(root: Path, kind: str, batch: int, pack: bool = False) -> dict:
 
 
 def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True,
-                        pack: bool = False, scope: str = "parts") -> str:
+                        pack: bool = False, scope: str = "layers") -> str:
     """One micro-batch's forward + backward as the trainer runs it (its attention: ``pick_attention("auto")``),
     timed and under torch.profiler."""
     import torch
@@ -607,7 +607,7 @@ def cmd_peers(args) -> None:
         kind, batch, batching, *scope = spec.split(":")
         try:
             print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack",
-                                      scope=scope[0] if scope else "parts"), flush=True)
+                                      scope=scope[0] if scope else "layers"), flush=True)
         except Exception as e:
             print("profile failed", repr(e)[:300], flush=True)
     for kind in args.tutorial.split(",") if args.tutorial else ():
@@ -691,10 +691,10 @@ def main() -> None:
     parser.add_argument("--lf-path", default=None, help="PYTHONPATH entry holding LLaMA-Factory's own packages")
     parser.add_argument("--mmdata", default="latex:16x1:pad,latex:16x1:pack,med:16x1:pad,med:16x1:pack",
                         help="mmdata runs: kind:BATCHxACCUM[:pad|pack][:sdpa|varlen][:bf16|fp32][:eager|compiled]"
-                             "[:layers]")
+                             "[:layers|parts]")
     parser.add_argument("--tutorial", default="latex,med", help="tutorial runs ('' for none)")
     parser.add_argument("--tutorial-steps", type=int, default=6)
-    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack[:layers], comma-separated")
+    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack[:layers|parts], comma-separated")
     parser.add_argument("--check-replay", action="store_true",
                         help="first compare adapter gradients with and without checkpointing (compiled layers)")
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")

@@ -381,10 +381,11 @@ def test_adapter_dtype_choices():
 
 
 def test_packed_training_with_pytorchs_varlen_attention_learns(tiny_model, build_dir, tmp_path):
-    """`mmdata train --packing --attn-implementation flash_varlen_torch`: one packed row per micro-batch through
-    mmdata's attention function (on the CPU its record-by-record path), and the loss falls as with padded rows."""
+    """`mmdata train --attn-implementation flash_varlen_torch` packs by default (batching auto): one packed row per
+    micro-batch through mmdata's attention function (on the CPU its block-diagonal-mask path), and the loss falls
+    as with padded rows."""
     out = tmp_path / "packed"
-    state = _train_cli(tiny_model, build_dir, out, 20, "--packing", "--attn-implementation", "flash_varlen_torch")
+    state = _train_cli(tiny_model, build_dir, out, 20, "--attn-implementation", "flash_varlen_torch")
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] <= losses[0] / 2, losses
     record = json.loads((out / "mmdata_train.json").read_text())

@@ -66,8 +66,8 @@ class TrainConfig(BaseModel):
     cutoff_len: int = Field(2048, ge=16)
     batching: Literal["auto", "pad", "pack"] = Field(
         "auto", description="pad: length-grouped padded micro-batches; pack: each micro-batch's records in one "
-                            "padding-free row, every record attending only to itself; auto: pack with flash-attn, "
-                            "pad otherwise")
+                            "padding-free row, every record attending only to itself; auto: pack with flash-attn "
+                            "or flash_varlen_torch (the GPU default), pad otherwise")
     packing: bool | None = Field(None, description="LLaMA-Factory's spelling: true is batching: pack, false is "
                                                    "batching: pad")
     dataloader_num_workers: int | None = Field(None, ge=0, description="default: min(8, CPUs - 1)")
@@ -90,10 +90,9 @@ class TrainConfig(BaseModel):
                             "(PyTorch's own variable-length FlashAttention kernels), else sdpa")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ZeRO-2/3)")
     compile_scope: Literal["parts", "layers"] = Field(
-        "parts", description="what one compiled region is: parts (each layer's attention, MLP and norms) or layers "
-                             "(each decoder layer whole, checkpoint included, keeping the LoRA dropout outputs: "
-                             "fewer region calls per step, more memory; for rows where launching kernels bounds "
-                             "the step)")
+        "layers", description="what one compiled region is: layers (each decoder layer whole, checkpoint included, "
+                              "keeping the LoRA dropout masks: two region calls per layer and step) or parts (each "
+                              "layer's attention, MLP and norms apart, under an eager checkpoint)")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the attention, MLP and norms of every language-model layer (fewer, "
                             "fused kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import ATTENTION_NAME
 from .config import TrainConfig, TrainError
 from .data import LengthGroupedBatchOrder, VisionSFTCollator, build_dataset, read_conversations, resolve_split
 from .loss import NO_POSITIONS, cross_entropy_sum, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
@@ -204,9 +205,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     dtype = pick_dtype(config.precision)
     attn = pick_attention(config.attn_implementation)
     adapter_dtype = pick_adapter_dtype(config, dtype)
-    # auto packs only with flash-attn; with flash_varlen_torch padded rows measured faster on the GPU benchmark
-    # (length-grouped micro-batches pad little; benchmarks/README.md)
-    pack = config.batching == "pack" or (config.batching == "auto" and attn == "flash_attention_2")
+    # auto packs where attention runs per record without a mask (flash-attn, flash_varlen_torch): packed rows
+    # measured 1.4x padded ones on LaTeX-length rows and 1.04x on Med-length rows (benchmarks/README.md, run E)
+    pack = config.batching == "pack" or (config.batching == "auto" and attn in ("flash_attention_2", ATTENTION_NAME))
     compiled = should_compile(config)
     # compiled whole layers checkpoint selectively (model.keep_dropout_context), which Trainer cannot be told
     own_checkpointing = config.gradient_checkpointing and compiled and config.compile_scope == "layers"
@@ -238,6 +239,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
         "dtype": str(dtype).removeprefix("torch."),
         "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
         "compiled": compiled,
+        "compile_scope": config.compile_scope if compiled else None,
         "metrics": result.metrics,
         "global_step": trainer.state.global_step,
     }
