@@ -378,29 +378,28 @@ def draw_lora_masks_apart(model) -> None:
                 dropouts[name] = MaskKeptDropout(dropout.p)
 
 
-def compile_language_layers(model, scope: str = "parts") -> None:
-    """``torch.compile`` the parts (``scope="parts"``) or the whole (``"layers"``) of every decoder layer in place.
+def compile_language_layers(model, scope: str = "layers") -> None:
+    """``torch.compile`` every decoder layer whole (``scope="layers"``, the default) or its parts (``"parts"``).
 
     Why: with LoRA on seven projections, a Qwen2-VL decoder layer runs ~100 small kernels (dropout, scaling and
     addition per adapter, RMSNorm, M-RoPE), so an eager step is bound by the CPU launching them, not by the GPU.
-    Why the layer's children (attention, MLP, norms) and not the layer: transformers checkpoints inside the layer's
-    ``forward``, and a compiled checkpoint must replay LoRA's dropout masks in the compiler's own random-number
-    path (torch 2.11 fails to compile that graph; later versions have had silent mask bugs there). Compiled
-    children run under the eager checkpoint, which restores the RNG state before recomputing, so the recomputed
-    masks are the forward's (tested: gradients with and without checkpointing are equal). The layers are alike,
-    so a handful of graphs serve all of them; the rest of the model (vision tower with its per-image attention
-    loop, the data-dependent image-token scatter) stays eager. ``dynamic=True``: micro-batches differ in length
-    and size, and shape-generic graphs avoid recompiling mid-run. With flash-attention and packed rows the
-    attention graph breaks around flash-attn's data-dependent sequence lookup (still correct; measured only
-    with SDPA, as flash-attn was not installed on the benchmark GPU).
+    The layers are alike, so one graph serves all of them; the rest of the model (the frozen vision tower, the
+    data-dependent image-token scatter) stays eager. ``dynamic=True``: micro-batches differ in length and size,
+    and shape-generic graphs avoid recompiling mid-run.
 
     ``layers``: each decoder layer as one compiled region, checkpoint included (transformers 5 checkpoints inside
     the layer's ``forward``, so the compiler sees the checkpoint and puts the recomputation into the layer's
     backward graph): one forward and one backward region call per layer and step instead of about fifteen. The
-    checkpoint must then keep the dropout masks (:func:`enable_checkpointing` with ``keep_dropout``; this scope
-    swaps LoRA's dropouts for :class:`MaskKeptDropout`, whose mask is the kept op): gradients equal those without
-    checkpointing (tested). A step of a tiny 28-layer model on a CPU makes 6x fewer Python
-    calls than with ``parts`` (133k against 843k in five steps; eager: 578k).
+    checkpoint must then keep the dropout masks, since inductor's fused random numbers do not replay
+    (:func:`enable_checkpointing` with ``keep_dropout``; this scope swaps LoRA's dropouts for
+    :class:`MaskKeptDropout`, whose mask is the kept op): gradients equal those without checkpointing (tested).
+    Padded and packed rows compile without a graph break (tested; a break inside the checkpoint runs the whole
+    layer eager). A step of a tiny 28-layer model on a CPU makes 6x fewer Python calls than with ``parts``;
+    on an H200, LaTeX-length rows ran 56-92 samples/s against 28-41 with ``parts`` (other runs of the same
+    harness: ``benchmarks/README.md``, runs A-G).
+
+    ``parts``: the layer's children (attention, MLP, norms) compiled apart, under the eager checkpoint, which
+    restores the RNG state before recomputing, so the recomputed masks are the forward's (tested).
     """
     import torch._dynamo.config
 

@@ -205,8 +205,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     dtype = pick_dtype(config.precision)
     attn = pick_attention(config.attn_implementation)
     adapter_dtype = pick_adapter_dtype(config, dtype)
-    # auto packs where attention runs per record without a mask (flash-attn, flash_varlen_torch): packed rows
-    # measured 1.4x padded ones on LaTeX-length rows and 1.04x on Med-length rows (benchmarks/README.md, run E)
+    # auto packs where attention runs per record without a mask (flash-attn, flash_varlen_torch): no padding, and
+    # on an H200 packed Med-length rows ran 1.04x padded ones with less memory (benchmarks/README.md, runs E-G)
     pack = config.batching == "pack" or (config.batching == "auto" and attn in ("flash_attention_2", ATTENTION_NAME))
     compiled = should_compile(config)
     # compiled whole layers checkpoint selectively (model.keep_dropout_context), which Trainer cannot be told
