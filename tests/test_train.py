@@ -278,6 +278,11 @@ def test_metrics():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+def _curve(state: dict, key: str = "loss") -> list[float]:
+    """The logged values of ``key`` (``loss``, ``eval_loss``) of a ``trainer_state.json``, in step order."""
+    return [h[key] for h in state["log_history"] if key in h]
+
+
 def _train_cli(tiny_model, build_dir, out, steps, *extra):
     import argparse
 
@@ -297,7 +302,7 @@ def _train_cli(tiny_model, build_dir, out, steps, *extra):
 def test_train_resume_predict_export(tiny_model, build_dir, tmp_path):
     out = tmp_path / "run"
     state = _train_cli(tiny_model, build_dir, out, 20)
-    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    losses = _curve(state)
     assert state["global_step"] == 20 and len(losses) == 20
     assert losses[-1] <= losses[0] / 2, losses  # 8 repeated samples are memorised
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-20").is_dir()
@@ -359,7 +364,7 @@ def test_bf16_model_trains_bf16_adapters_without_autocast(tiny_model, build_dir,
 
     out = tmp_path / "bf16"
     state = _train_cli(tiny_model, build_dir, out, 20, "--precision", "bf16")
-    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    losses = _curve(state)
     assert losses[-1] <= losses[0] / 2, losses
     record = json.loads((out / "mmdata_train.json").read_text())
     assert record["dtype"] == record["adapter_dtype"] == "bfloat16"
@@ -386,7 +391,7 @@ def test_packed_training_with_pytorchs_varlen_attention_learns(tiny_model, build
     as with padded rows."""
     out = tmp_path / "packed"
     state = _train_cli(tiny_model, build_dir, out, 20, "--attn-implementation", "flash_varlen_torch")
-    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    losses = _curve(state)
     assert losses[-1] <= losses[0] / 2, losses
     record = json.loads((out / "mmdata_train.json").read_text())
     assert record["batching"] == "pack" and record["attn_implementation"] == "flash_varlen_torch"
@@ -395,7 +400,7 @@ def test_packed_training_with_pytorchs_varlen_attention_learns(tiny_model, build
 def test_fp32_adapters_on_a_bf16_model_train_under_autocast(tiny_model, build_dir, tmp_path):
     out = tmp_path / "amp"
     state = _train_cli(tiny_model, build_dir, out, 20, "--precision", "bf16", "--adapter-dtype", "fp32")
-    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    losses = _curve(state)
     assert losses[-1] <= losses[0] / 2, losses
     assert json.loads((out / "mmdata_train.json").read_text())["adapter_dtype"] == "float32"
 
@@ -422,8 +427,8 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
         record = train(config)
         assert record["compiled"] is compile_
         state = json.loads((out / "trainer_state.json").read_text())
-        curves[compile_] = [h["loss"] for h in state["log_history"] if "loss" in h]
-        curves[compile_] += [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+        curves[compile_] = _curve(state)
+        curves[compile_] += _curve(state, "eval_loss")
     assert len(curves[True]) == 6 + 2  # six training losses, two evaluations on the val split
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled whole, no fallback
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
@@ -446,7 +451,7 @@ def test_compiled_whole_layers_train_with_dropout_as_without_checkpointing(tiny_
                                    gradient_checkpointing=checkpointing)
         train(config)
         state = json.loads((out / "trainer_state.json").read_text())
-        curves[checkpointing] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        curves[checkpointing] = _curve(state)
     assert len(curves[True]) == 5
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
 
@@ -591,7 +596,7 @@ def test_two_process_ddp_matches_one_process_at_equal_global_batch(tiny_model, t
         assert done.returncode == 0, done.stderr[-3000:]
         state = json.loads((tmp_path / name / "trainer_state.json").read_text())
         assert state["global_step"] == 4
-        curves[name] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        curves[name] = _curve(state)
         adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
     assert curves["ddp"] == pytest.approx(curves["single"], rel=1e-4)
     assert adapters["ddp"].keys() == adapters["single"].keys()
