@@ -180,7 +180,8 @@ def test_padded_and_packed_batches_give_the_models_loss_and_gradient(mixed_build
     """The chunked loss over padded and over packed rows equals the model's own loss on the padded batch (SDPA with
     its 4-D masks), and so do the gradients: packing is exact for every family (Qwen3-VL's DeepStack features land on
     the same tokens), with SDPA and with mmdata's variable-length attention (``attention.py``: here its CPU path,
-    record by record, which the GPU kernel replaces; the vision tower then attends all images in one call)."""
+    SDPA under the records' block-diagonal mask, which the GPU kernel replaces; a packed row's boundaries come
+    from the collator; the vision tower attends all images in one call)."""
     from mmdata.train.loss import NO_POSITIONS, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
     from mmdata.train.model import pick_attention, use_attention
 
