@@ -5,7 +5,7 @@ that Python on a tiny model with the real layer count (28 decoder layers, hidden
 projections with dropout, gradient checkpointing as the trainer enables it): the Python function calls per step
 (``cProfile``; the same on any machine) and the wall time per step (tiny tensors, so mostly overhead; one CPU
 thread). ``eager``: no compile; ``parts``: each layer's attention, MLP and norms compiled apart; ``layers``: each
-layer with its checkpoint compiled whole, keeping the dropout outputs (``model.keep_dropout_context``).
+layer with its checkpoint compiled whole, keeping the dropout masks (``model.keep_dropout_context``).
 
     python benchmarks/compile_overhead.py            # all three scopes, one process each
 """

@@ -283,6 +283,18 @@ def _curve(state: dict, key: str = "loss") -> list[float]:
     return [h[key] for h in state["log_history"] if key in h]
 
 
+def _train_on(tiny_model, build, out, **options) -> tuple[dict, dict]:
+    """``train()`` the tiny model on ``build`` with the small-run settings these tests share plus ``options``;
+    returns the run record and ``trainer_state.json``."""
+    from mmdata.train.trainer import train
+
+    config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
+                               learning_rate=1e-2, lora_r=8, lora_alpha=16, per_device_train_batch_size=2,
+                               logging_steps=1, save_steps=100, min_pixels=3136, max_pixels=20000, **options)
+    record = train(config)
+    return record, json.loads((out / "trainer_state.json").read_text())
+
+
 def _train_cli(tiny_model, build_dir, out, steps, *extra):
     import argparse
 
@@ -412,21 +424,14 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
     counts."""
     from torch._dynamo.utils import counters
 
-    from mmdata.train.trainer import train
-
     counters.clear()
     build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 4, [ONE_TURN])
     curves = {}
     for compile_ in (False, True):
-        out = tmp_path / f"compile_{compile_}"
-        config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
-                                   max_steps=6, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                                   per_device_train_batch_size=2, gradient_accumulation_steps=1, logging_steps=1,
-                                   save_steps=100, min_pixels=3136, max_pixels=20000, compile=compile_,
-                                   compile_scope=scope, eval_steps=3)
-        record = train(config)
+        record, state = _train_on(tiny_model, build, tmp_path / f"compile_{compile_}", max_steps=6,
+                                  lora_dropout=0.0, gradient_accumulation_steps=1, compile=compile_,
+                                  compile_scope=scope, eval_steps=3)
         assert record["compiled"] is compile_
-        state = json.loads((out / "trainer_state.json").read_text())
         curves[compile_] = _curve(state)
         curves[compile_] += _curve(state, "eval_loss")
     assert len(curves[True]) == 6 + 2  # six training losses, two evaluations on the val split
@@ -435,22 +440,15 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
 
 
 def test_compiled_whole_layers_train_with_dropout_as_without_checkpointing(tiny_model, tmp_path):
-    """compile_scope: layers with LoRA dropout: the trainer checkpoints keeping the dropout outputs, so a checkpointed
+    """compile_scope: layers with LoRA dropout: the trainer checkpoints keeping the dropout masks, so a checkpointed
     run's loss curve is the one without checkpointing (a recomputation that drew new masks would change every
     adapter gradient from the first step on)."""
-    from mmdata.train.trainer import train
-
     build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 4, [ONE_TURN])
     curves = {}
     for checkpointing in (True, False):
-        out = tmp_path / f"checkpointing_{checkpointing}"
-        config = load_train_config(None, model=str(tiny_model), dataset=str(build), output_dir=str(out),
-                                   max_steps=5, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.3,
-                                   per_device_train_batch_size=2, logging_steps=1, save_steps=100, min_pixels=3136,
-                                   max_pixels=20000, compile=True, compile_scope="layers",
-                                   gradient_checkpointing=checkpointing)
-        train(config)
-        state = json.loads((out / "trainer_state.json").read_text())
+        _, state = _train_on(tiny_model, build, tmp_path / f"checkpointing_{checkpointing}", max_steps=5,
+                             lora_dropout=0.3, compile=True, compile_scope="layers",
+                             gradient_checkpointing=checkpointing)
         curves[checkpointing] = _curve(state)
     assert len(curves[True]) == 5
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
@@ -506,7 +504,7 @@ def test_compile_choices():
 def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_model, scope):
     """With dropout on, a checkpointed compiled step recomputes the forward's masks: gradients equal those of the
     same step without checkpointing (a different mask would change every adapter's gradient), whether the layers'
-    parts or the whole layers are compiled (then checkpointed as the trainer does: keeping dropout outputs)."""
+    parts or the whole layers are compiled (then checkpointed as the trainer does: keeping dropout masks)."""
     from mmdata.train.model import attach_lora, compile_language_layers, enable_checkpointing, load_model
 
     config = load_train_config(None, model=str(tiny_model), dataset="d", lora_dropout=0.3, lora_r=8)

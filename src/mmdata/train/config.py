@@ -94,8 +94,8 @@ class TrainConfig(BaseModel):
                               "keeping the LoRA dropout masks: two region calls per layer and step) or parts (each "
                               "layer's attention, MLP and norms apart, under an eager checkpoint)")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the attention, MLP and norms of every language-model layer (fewer, "
-                            "fused kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "
+        "auto", description="torch.compile every language-model layer, as compile_scope says (fewer, fused "
+                            "kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "
                             "with Triton, without QLoRA, DeepSpeed or FSDP")
 
     # bookkeeping
