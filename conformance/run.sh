@@ -53,8 +53,10 @@ install_lf_venv() {
         return 0
     fi
     rm -rf "$VENV"
-    "${PYTHON:-python3}" -m venv "$VENV" &&
-        "$VENV/bin/pip" install -q -r conformance/requirements.txt &&
+    "${PYTHON:-python3}" -m venv "$VENV" || return 1
+    # The same torch + torchvision as mmdata's venv, hard-linked rather than a second 5.5 GB copy (share_torch.py).
+    "$PY" conformance/share_torch.py "$("$LF_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$VENV/bin/pip" install -q -r conformance/requirements.txt &&
         "$VENV/bin/pip" install -q --no-deps -r conformance/requirements-nodeps.txt &&
         rm -f "$VENV"/lib/python3*/site-packages/torchaudio/lib/*.so &&
         "$LF_PY" -c "import llamafactory.data, llamafactory.train.tuner" &&
