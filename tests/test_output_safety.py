@@ -199,13 +199,40 @@ def test_a_tampered_state_never_names_a_file_outside_the_folder(tmp_path):
     build(r)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
+    sibling = tmp_path / "out2" / "precious"  # its folder's path starts with the output folder's
+    sibling.parent.mkdir()
+    sibling.write_text("keep me too")
     state_file = out / ".mmdata" / "state.json"
     state = json.loads(state_file.read_text())
-    state["owned"] += ["../victim.txt", "/etc/hostname", "../src"]
+    state["owned"] += ["../victim.txt", "/etc/hostname", "../src", "../out2/precious", "../out2"]
     state_file.write_text(json.dumps(state))
     before = hashes(tmp_path, skip=out)
     build(r, prompt="changed")
-    assert hashes(tmp_path, skip=out) == before and victim.read_text() == "keep me"
+    assert hashes(tmp_path, skip=out) == before and sibling.read_text() == "keep me too"
+
+
+@pytest.mark.parametrize("planted", ["link", "file", "folder of the user's"])
+def test_a_state_folder_that_is_not_mmdatas_is_never_cleared(tmp_path, planted):
+    """``.mmdata`` is the one name a build clears wholesale: a link there, a file, or a folder holding other files
+    is the user's, even with --allow-existing (a link was followed out of the folder and emptied its target)."""
+    jsonl_source(tmp_path / "src")
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    (victim / "parts").mkdir(parents=True)
+    (victim / "important").write_text("keep me")
+    (victim / "parts" / "p").write_text("me too")
+    out.mkdir()
+    if planted == "link":
+        (out / ".mmdata").symlink_to(victim)
+    elif planted == "file":
+        (out / ".mmdata").write_text("my notes")
+    else:
+        (out / ".mmdata" / "done").mkdir(parents=True)
+        (out / ".mmdata" / "notes").write_text("mine")
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"})
+    before = hashes(tmp_path)
+    with pytest.raises(BuildError, match=r"\.mmdata (is a (link|file), not mmdata's state folder|holds notes)"):
+        build(r, output__allow_existing=True)
+    assert hashes(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------------------------- crashes and races
@@ -237,33 +264,67 @@ def test_kill_and_resume_in_a_shared_folder_keep_the_users_files(tmp_path):
     assert {k: v for k, v in hashes(out).items() if k in before} == before
 
 
-def test_two_recipes_into_one_folder_at_once_one_is_refused_cleanly(tmp_path):
-    """The second build starts while the first runs (slow on purpose: every row re-encodes a large image)."""
+def _slow_source(src: Path, rows: int = 48) -> dict:
+    """A build that takes seconds: every row re-encodes one large image (stored once)."""
     import io
 
     from PIL import Image
 
-    src = tmp_path / "src"
     src.mkdir()
     buf = io.BytesIO()
     Image.effect_noise((1000, 1000), 60).convert("RGB").save(buf, format="JPEG")
     (src / "big.jpg").write_bytes(buf.getvalue())
-    (src / "data.jsonl").write_text("\n".join(json.dumps(turn("big.jpg", f"q{i}")) for i in range(24)) + "\n")
-    out = tmp_path / "out"
-    slow = {"images": {"mode": "convert", "format": "png"}, "source": {"type": "jsonl", "path": "data.jsonl"},
-            "output": {"dir": str(out), "shard_size": 1}}
-    first = write_recipe(src / "a.yaml", {"name": "a", **slow})
-    second = write_recipe(src / "b.yaml", {"name": "a", "prompt": "other", **slow})
-    proc = subprocess.Popen(_cli(first), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / ".mmdata" / "done").exists() and time.monotonic() < deadline:
+    (src / "data.jsonl").write_text("\n".join(json.dumps(turn("big.jpg", f"q{i}")) for i in range(rows)) + "\n")
+    return {"images": {"mode": "convert", "format": "png"}, "source": {"type": "jsonl", "path": "data.jsonl"},
+            "output": {"dir": str(src.parent / "out"), "shard_size": 1}}
+
+
+def _start(recipe_path: Path, *args: str) -> subprocess.Popen:
+    """Start a build; return once it runs its tasks (it holds the folder as a running build)."""
+    proc = subprocess.Popen(_cli(recipe_path, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done, deadline = recipe_path.parent.parent / "out" / ".mmdata" / "done", time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    late = subprocess.run(_cli(second), capture_output=True, text=True)
+    return proc
+
+
+def _refused_while_running(late: subprocess.CompletedProcess, proc: subprocess.Popen) -> None:
     assert proc.poll() is None, "the first build ended before the second started: make it slower"
-    first_err = proc.communicate()[1]
-    assert proc.returncode == 0, first_err
     assert late.returncode == BuildError.exit_code and "another build is writing into" in late.stderr
     assert "Traceback" not in late.stderr
+
+
+def _records(folder: Path) -> int:
+    return sum(len(part.read_text().splitlines()) for part in folder.glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("second_prompt", ["other", None], ids=["another recipe", "the same recipe"])
+def test_a_second_build_into_a_folder_while_one_runs_is_refused_cleanly(tmp_path, second_prompt):
+    """The same recipe twice at once was not refused: both built and finalised, and a build that reported success
+    could leave fewer records than its manifest counts."""
+    slow = _slow_source(tmp_path / "src")
+    out = tmp_path / "out"
+    first = write_recipe(tmp_path / "src" / "a.yaml", {"name": "a", **slow})
+    second = write_recipe(tmp_path / "src" / "b.yaml",
+                          {"name": "a", **slow, **({"prompt": second_prompt} if second_prompt else {})})
+    proc = _start(first)
+    _refused_while_running(subprocess.run(_cli(second), capture_output=True, text=True), proc)
+    assert proc.wait() == 0, proc.stderr.read()
     info = json.loads((out / "dataset_info.json").read_text())
-    assert json.loads((out / "mmdata_build.json").read_text())["counts"]["written"] == 24 and "a" in info
-    assert len(list((out / "images").rglob("*.png"))) == 1  # one image under 24 records: stored once
+    assert json.loads((out / "mmdata_build.json").read_text())["counts"]["written"] == 48 and "a" in info
+    assert _records(out / "a") == 48
+    assert len(list((out / "images").rglob("*.png"))) == 1  # one image under 48 records: stored once
+
+
+def test_shard_parts_build_side_by_side_in_one_folder_but_one_part_never_twice_at_once(tmp_path):
+    slow = _slow_source(tmp_path / "src")
+    out = tmp_path / "out"
+    r = write_recipe(tmp_path / "src" / "a.yaml", {"name": "a", **slow})
+    proc = _start(r, "--shard", "0/2")
+    _refused_while_running(subprocess.run(_cli(r, "--shard", "0/2"), capture_output=True, text=True), proc)
+    beside = subprocess.run(_cli(r, "--shard", "1/2"), capture_output=True, text=True)
+    assert beside.returncode == 0, beside.stderr
+    assert proc.wait() == 0, proc.stderr.read()
+    merged = subprocess.run([sys.executable, "-m", "mmdata.cli", "merge", str(out)], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert _records(out / "a") == 48

@@ -671,7 +671,7 @@ def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], 
     layout = Layout.for_recipe(recipe)
     part_dirs = [Path(p).resolve() for p in parts]
     with OutputLock(layout) as lock:
-        claim_output(layout, recipe, base["fingerprint"], False, lock.take_over, beside=part_dirs)
+        claim_output(layout, recipe, base["fingerprint"], False, lock, beside=part_dirs)
         lock.claimed()
         for part in part_dirs:
             if part == root:

@@ -175,64 +175,116 @@ def refuse_overlap(layout: Layout, read: list[Path], scanned: list[Path]) -> Non
 class OutputLock:
     """Claims on an output folder, so that two builds never write into one folder at cross purposes.
 
-    The folder itself is locked exclusively while a build claims it (``with OutputLock(layout)``: claims never
-    interleave). Once claimed (:meth:`claimed`), a running build holds its state folder ``.mmdata/`` shared: builds of
-    the same fingerprint (``--shard`` parts built into one folder) run side by side, while a build that would replace
-    another's files must first take that folder exclusively, without waiting (:meth:`take_over`), and is refused
-    cleanly while any other build still runs there. No lock file is left in the user's folder.
+    The folder itself is locked exclusively while a build claims it (``with OutputLock(layout, shard)``: claims never
+    interleave). A build that finds another one running there is refused at once, without waiting. Once claimed
+    (:meth:`claimed`), a whole build (and ``mmdata merge``) holds its state folder ``.mmdata/`` exclusively: it runs
+    alone. ``--shard I/N`` parts of one recipe built into one folder hold it shared and run side by side, each part
+    also holding ``.mmdata/running/shard-I-of-N.lock`` exclusively, so the same part never runs twice at once. A build
+    that would replace another's files must first take the state folder exclusively (:meth:`take_over`). No lock file
+    is left in the user's folder (the running locks live in the state folder).
     """
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, shard: tuple[int, int] = (0, 1)):
         self.layout = layout
+        self.shard = shard
         self._folder: int | None = None
-        self._state: int | None = None
+        self._held: list[int] = []
         self._created = False
+
+    @property
+    def _running_file(self) -> Path:
+        index, count = self.shard
+        return self.layout.state / "running" / f"shard-{index}-of-{count}.lock"
 
     def __enter__(self) -> OutputLock:
         self._created = not self.layout.root.exists()
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self._folder = os.open(self.layout.root, os.O_RDONLY)
         fcntl.flock(self._folder, fcntl.LOCK_EX)
+        try:
+            self._refuse_if_running()
+        except BaseException as err:
+            self.__exit__(type(err))
+            raise
         return self
+
+    def _refuse_if_running(self) -> None:
+        """Two builds at once in one folder are refused unless both are distinct ``--shard`` parts."""
+        whole = self.shard[1] == 1
+        busy = not _try_lock(self.layout.state, fcntl.LOCK_EX if whole else fcntl.LOCK_SH)
+        if not busy and not whole and self._running_file.is_file():
+            busy = not _try_lock(self._running_file, fcntl.LOCK_EX)
+        if busy:
+            raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
+                             "or choose another output.dir")
 
     def take_over(self) -> None:
         """Call before removing another build's files: refuses while a build still runs in the folder."""
-        if not self.layout.state.is_dir():
-            return
-        fd = os.open(self.layout.state, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(self.layout.state, fcntl.LOCK_EX):
             raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
-                             "or choose another output.dir") from None
-        finally:
-            os.close(fd)  # nobody can start there meanwhile: this build holds the folder's claim lock
+                             "or choose another output.dir")
+
+    def alone(self) -> bool:
+        """No other build runs in the folder now (none can start meanwhile: this one holds the claim)."""
+        return _try_lock(self.layout.state, fcntl.LOCK_EX)
 
     def claimed(self) -> None:
         """The claim is done: hold the state folder as a running build and let other builds claim."""
-        self._state = os.open(self.layout.state, os.O_RDONLY)
-        fcntl.flock(self._state, fcntl.LOCK_SH)
+        whole = self.shard[1] == 1
+        self._held.append(_hold(self.layout.state, fcntl.LOCK_EX if whole else fcntl.LOCK_SH))
+        if not whole:
+            self._running_file.parent.mkdir(exist_ok=True)
+            self._running_file.touch()
+            self._held.append(_hold(self._running_file, fcntl.LOCK_EX))
         fcntl.flock(self._folder, fcntl.LOCK_UN)
 
     def __exit__(self, exc_type, *_) -> None:
-        for fd in (self._state, self._folder):
+        for fd in [*self._held, self._folder]:
             if fd is not None:
                 os.close(fd)
+        self._held, self._folder = [], None
         if exc_type is not None and self._created:  # a refused first build leaves no empty folder behind
             with contextlib.suppress(OSError):
                 self.layout.root.rmdir()
 
 
-def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool, take_over,
+def _hold(path: Path, mode: int) -> int:
+    """An open descriptor of ``path`` locked with ``mode`` (never waits: the caller holds the folder's claim)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BuildError(f"{path} is locked by another build; wait for it to finish") from None
+    return fd
+
+
+def _try_lock(path: Path, mode: int) -> bool:
+    """Whether ``path`` (a state folder or a running lock) could be locked with ``mode`` now; a missing path can."""
+    if not path.exists() or path.is_symlink():
+        return True
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the test lock
+
+
+def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool, lock: OutputLock,
                  beside: Iterable[Path] = ()) -> None:
     """Make ``layout.root`` this build's: keep finished tasks of the same fingerprint, clear a stale build's files.
 
     Only what the state says an earlier build wrote is ever removed or replaced. A folder that holds files of its own
     and no mmdata build is refused unless ``output.allow_existing``; even then a path this build would write that
-    already exists (and is not its own) is refused, never replaced. ``take_over`` is called before anything of
-    another build is removed (it refuses while that build still runs). ``beside``: folders that may stand in the
+    already exists (and is not its own) is refused, never replaced. ``lock.take_over`` is called before anything of
+    another build is removed (it refuses while that build still runs); a killed run's temporaries are cleared only
+    while no other build runs (they may be a running ``--shard`` part's). ``beside``: folders that may stand in the
     output folder without making it foreign (``mmdata merge`` into the folder that holds the parts).
     """
+    _refuse_foreign_state(layout)
     state = read_json(layout.state / "state.json")
     manifest = read_json(layout.root / MANIFEST)
     previous = state or _state_from_manifest(manifest)  # a build whose state.json a kill removed: its manifest says
@@ -260,7 +312,7 @@ def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool
             f"{clashes[0]} already exists and was not written by mmdata: a build never replaces it. Move it, or "
             "choose another output.dir (or output.name)")
     if previous and (not state or previous.get("fingerprint") != fingerprint or rebuild):
-        take_over()
+        lock.take_over()
         # Unregister the stale build first: its dataset_info entries must never point at files being rebuilt.
         if manifest and manifest.get("datasets") and manifest.get("dataset_info"):
             unregister_datasets((layout.root / manifest["dataset_info"]).resolve(),
@@ -272,20 +324,42 @@ def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool
     elif not state and layout.state.exists():
         # Task markers without a state.json are a stale build's (a kill while it was cleared): resuming from them
         # would mix two recipes' output.
-        take_over()
+        lock.take_over()
         _clear_state(layout)
     # Leftovers of a killed run: the temporary names of this build's own top-level files (never other ``*.tmp``
     # files of the folder, which may be the user's) and anything in the state folder. Image temporaries carry their
     # task's number and are replaced when the task is redone.
-    for path in planned:
+    for path in planned if lock.alone() else ():
         for tmp in itertools.chain([path.with_name(path.name + ".tmp")], path.parent.glob(f".{path.name}.*.tmp")):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp)
             elif tmp.exists() or tmp.is_symlink():
                 tmp.unlink()
-    for tmp in layout.state.rglob("*.tmp") if layout.state.exists() else []:
+    for tmp in layout.state.rglob("*.tmp") if layout.state.exists() and lock.alone() else []:
         tmp.unlink()
     write_state(layout, fingerprint)
+
+
+# What a build writes inside its state folder (``.mmdata/``), besides the temporaries of atomic writes.
+_STATE_ENTRIES = {"state.json", "skipped.json", "dedup-rejects.jsonl", "done", "parts", "rejects", "splits",
+                  "fingerprints", "running"}
+
+
+def _refuse_foreign_state(layout: Layout) -> None:
+    """A ``.mmdata`` that is not a folder of mmdata's own (a link, a file, or a folder holding other names) is the
+    user's: a build that cleared it would delete what it holds, or follow the link out of the output folder."""
+    path = layout.state
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_dir():
+        what = "a link" if path.is_symlink() else "a file"
+        raise BuildError(f"{path} is {what}, not mmdata's state folder: a build never replaces it. Move it, or "
+                         "choose another output.dir")
+    other = sorted(p.name for p in path.iterdir() if p.name not in _STATE_ENTRIES
+                   and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if other:
+        raise BuildError(f"{path} holds {', '.join(other[:5])}, which mmdata does not write there: a build never "
+                         "deletes it. Move it, or choose another output.dir")
 
 
 def _remove(path: Path) -> None:
@@ -344,8 +418,8 @@ def _owned(layout: Layout, state: dict | None) -> list[Path]:
         old = Layout(layout.root, state.get("name", layout.name), state.get("file_format", layout.file_format),
                      state.get("split_enabled", layout.split_enabled), layout.dataset_info)
         paths = old.owned_paths()
-    root = os.path.realpath(layout.root)
-    return [p for p in paths if os.path.realpath(p.parent).startswith(root) and p.name not in ("", ".", "..")]
+    root = Path(os.path.realpath(layout.root))
+    return [p for p in paths if Path(os.path.realpath(p.parent)).is_relative_to(root) and p.name not in ("", ".", "..")]
 
 
 def registered(layout: Layout, manifest: dict, recipe: Recipe) -> bool:

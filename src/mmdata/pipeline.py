@@ -107,7 +107,7 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
     if not (0 <= shard_index < shard_count):
         raise BuildError(f"--shard {shard_index}/{shard_count}: the index must be in 0..{shard_count - 1}")
 
-    with OutputLock(layout) as lock:
+    with OutputLock(layout, shard) as lock:
         manifest = read_json(layout.root / MANIFEST)
         if not rebuild and manifest and manifest.get("fingerprint") == fingerprint \
                 and manifest.get("shard") == list(shard) and registered(layout, manifest, recipe):
@@ -118,7 +118,7 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
             return result
         if shard_count == 1:
             check_names_free(layout, recipe)  # before anything is written, not after the data
-        claim_output(layout, recipe, fingerprint, rebuild, lock.take_over)
+        claim_output(layout, recipe, fingerprint, rebuild, lock)
         lock.claimed()
         num_tasks, rows_read = _run_tasks(recipe, layout, source, shard, engine, num_proc, quiet)
         write_skipped(layout, source.skipped(rows_read))
