@@ -145,6 +145,36 @@ def test_csv_prompt_with_placeholder_and_unmapped_image_column_names_it(tmp_path
     assert "fields.image: image_path" in rejects(result)[0]["message"]
 
 
+@pytest.mark.parametrize("mapped", [{"image": "imagepath"}, {}], ids=["misspelt fields.image", "default image"])
+def test_a_prompt_over_a_csv_whose_image_column_is_not_mapped_never_writes_text_only_records(tmp_path, mapped):
+    """With a prompt and no placeholder, a misnamed image column used to give text-only records, exit code 0."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.csv").write_text("image_path,text\na.jpg,hello\n")
+    result = build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"answer": "text", **mapped}, prompt="Read it.")
+    (reject,) = rejects(result)
+    assert reject["reason"] == "image key not mapped" and "fields.image: image_path" in reject["message"]
+    assert result.written == 0
+
+
+def test_a_blank_question_beside_an_image_is_a_reject(tmp_path):
+    """A blank question used to pass as the bare ``<image>`` turn when the row had an image (and was rejected as
+    an empty user turn when it had none)."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.csv").write_text('image,question,answer\na.jpg,,yes\na.jpg,"   ",no\na.jpg,Is it?,yes\n')
+    result = build(tmp_path, {"type": "csv", "path": "d.csv"},
+                   fields={"image": "image", "question": "question", "answer": "answer"})
+    assert [r["reason"] for r in rejects(result)] == ["empty question", "empty question"]
+    assert [r["messages"][0]["content"] for r in written(result)] == ["<image>Is it?"]
+
+
+@pytest.mark.parametrize("prompt", ["Q {text:d}", "{text!r}", "{text:.2f}", "{text:{text}}", "{}"])
+def test_a_prompt_placeholder_with_a_format_spec_is_a_recipe_error(tmp_path, prompt):
+    """Each used to reject every row as an internal error (a bug to report), or quote the text (``!r``)."""
+    (tmp_path / "d.csv").write_text("image,text\na.jpg,hello\n")
+    with pytest.raises(RecipeError, match="not a plain column name"):
+        build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"answer": "text"}, prompt=prompt)
+
+
 def test_hf_sharegpt_shape_reads_a_singular_image_column(tmp_path):
     """The ``hf`` source's ``shape`` uses the JSON rules: a LLaVA-style parquet with an ``image`` column builds."""
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),

@@ -77,11 +77,12 @@ class _Row(dict):
 
 
 def render(template: str, row: dict) -> str:
-    """``str.format``-style ``{column}`` substitution; literal braces as ``{{``/``}}``; no attribute access."""
-    fields_used = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    for name in fields_used:
-        if not name.isidentifier():
-            raise SampleError(f"prompt placeholder {{{name}}} is not a plain column name")
+    """``str.format``-style ``{column}`` substitution; literal braces as ``{{``/``}}``; no attribute access, no
+    format specs or conversions (the recipe refuses them; a template built in code is checked here)."""
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None and (not name.isidentifier() or spec or conversion):
+            raise SampleError(f"prompt placeholder {{{name}{'!' + conversion if conversion else ''}"
+                              f"{':' + spec if spec else ''}}} is not a plain column name")
     return template.format_map(_Row({k: "" if _is_missing(v) else v for k, v in row.items()}))
 
 
@@ -232,6 +233,8 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
             _insert_prompt(messages, render(prompt, row))
     else:
         user = render(prompt, row) if prompt is not None else _text(row, fields.get("question"), "question")
+        if prompt is None and not user.strip():  # with an image it would pass as a bare "<image>" turn
+            raise SampleError(f"column {fields['question']!r} (question) is empty", kind="empty question")
         answer = _text(row, fields.get("answer"), "answer")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages if isinstance(m.get("content"), str)):
@@ -258,15 +261,19 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x0
 
 
 def _check_image_mapping(row: dict, fields: dict, messages: list[dict], n_images: int) -> None:
-    """Placeholders that do not match the images, with an unmapped key that holds an image: say which key to map.
+    """An unmapped key that holds an image, where placeholders do not match the images or where no image column is
+    in the row at all: say which key to map.
 
-    Without this the reject reads "1 <image> placeholder(s) but 0 image(s)", true and useless; the usual cause is
-    a dataset that calls its image column ``img``, ``image_path`` or ``file_name``. Other mismatches are left to
-    the sample check, which explains them.
+    Without this the reject reads "1 <image> placeholder(s) but 0 image(s)", true and useless, and a record whose
+    image column is misnamed (``fields.image: imagepath`` for ``image_path``, or a CSV whose column is not the
+    default ``image``) with a ``prompt`` would be written as a text-only record, its image silently lost. A row
+    that lacks an image column and holds nothing image-like (LLaVA's text-only records) is text-only by design.
+    Other mismatches are left to the sample check, which explains them.
     """
     text = "".join(m["content"] for m in messages if isinstance(m.get("content"), str))
     n_tags = text.count(IMAGE_PLACEHOLDER)
-    if n_tags == n_images:
+    no_image_column = not any(fields.get(role) in row for role in ("image", "images") if fields.get(role))
+    if n_tags == n_images and not (n_images == 0 and no_image_column):
         return
     mapped = {c for c in fields.values() if c} | {"messages", "images", "videos"}
     for key, value in row.items():
@@ -275,10 +282,12 @@ def _check_image_mapping(row: dict, fields: dict, messages: list[dict], n_images
         looks = _looks_like_image(value)
         if looks:
             role = "images" if looks == "list" else "image"
+            problem = (f"{n_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s)" if n_tags != n_images
+                       else f"no image: fields.{role} is {fields[role]!r}, which the row lacks" if fields.get(role)
+                       else f"no image: no column is mapped to fields.{role}")
             raise SampleError(
-                f"{n_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): key {key!r} looks like the "
-                f"image ({_preview(value)}) but no field maps it; map it in the recipe with fields.{role}: {key}",
-                kind="image key not mapped")
+                f"{problem}: key {key!r} looks like the image ({_preview(value)}) but no field maps it; map it in "
+                f"the recipe with fields.{role}: {key}", kind="image key not mapped")
 
 
 def _looks_like_image(value: Any) -> str | None:

@@ -236,10 +236,15 @@ class Recipe(_Strict):
     def _prompt_is_a_template(cls, value: str | list[str] | None) -> str | list[str] | None:
         for template in [value] if isinstance(value, str) else value or []:
             try:
-                list(string.Formatter().parse(template))
+                parts = list(string.Formatter().parse(template))
             except ValueError as e:
                 raise ValueError(f"{template[:60]!r} is not a valid template ({e}); write a literal brace as {{{{ or }}}}"
                                  ) from None
+            for _, name, spec, conversion in parts:
+                if name is not None and (spec or conversion or not name.isidentifier()):
+                    raise ValueError(f"{template[:60]!r}: {{{name}{'!' + conversion if conversion else ''}"
+                                     f"{':' + spec if spec else ''}}} is not a plain column name; a placeholder is "
+                                     "{column}, inserted as it is (write a literal brace as {{ or }})")
         return value
     max_samples: int | None = Field(None, gt=0, description="read at most this many source rows")
     max_rejected: int | float | None = Field(
