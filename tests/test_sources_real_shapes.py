@@ -380,6 +380,28 @@ def test_a_western_csv_is_not_misread_as_chinese(tmp_path):
         build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"image": "image", "answer": "text"}, prompt="p")
 
 
+def test_a_utf8_csv_with_one_damaged_character_is_refused_at_that_byte_not_read_as_chinese(tmp_path):
+    """GB18030 decodes nearly any bytes: a UTF-8 Chinese file cut inside its last character used to be written whole
+    as mojibake (这是 -> 杩欐槸), exit code 0."""
+    text = "".join(f"a.jpg,这是第{i}只小猫\n" for i in range(4)).encode()
+    (tmp_path / "d.csv").write_bytes(b"image,text\n" + text[:-3] + b"\n")
+    with pytest.raises(SourceError, match=rf"d\.csv: UTF-8 text, but not valid UTF-8 at byte {11 + len(text) - 4} "
+                                          r"\(line 5\)"):
+        build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"image": "image", "answer": "text"}, prompt="p")
+
+
+@pytest.mark.parametrize("encoding", ["auto", "cp1252"])
+def test_a_csv_with_a_utf8_bom_and_a_stray_code_page_byte_is_refused(tmp_path, encoding):
+    """Excel's "CSV UTF-8" with one pasted cp1252 byte. Read as cp1252 (what the hint used to lead to) the BOM
+    became part of the first column's name, the mapped image column went missing and every record lost its image."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbfimage,text\r\na.jpg,caf\xe9\r\na.jpg,ok\r\n")
+    source = {"type": "csv", "path": "d.csv", **({"encoding": encoding} if encoding != "auto" else {})}
+    message = "not valid UTF-8 at byte 24 \\(line 2\\)" if encoding == "auto" else "starts with a UTF-8 byte-order mark"
+    with pytest.raises(SourceError, match=message):
+        build(tmp_path, source, fields={"image": "image", "answer": "text"}, prompt="p")
+
+
 # ----------------------------------------------------------------------------------------------- 4. in memory
 
 

@@ -2,7 +2,8 @@
 
 Encodings: ``auto`` reads a UTF-16 file by its BOM, else tries UTF-8 (with or without BOM), else GB18030 (the usual
 encoding of Chinese CSVs saved by Excel) when the bytes look Chinese; a Western file (cp1252) is refused with the fix
-rather than misread (see :func:`_detect_encoding`); ``encoding: cp1252`` reads it. CRLF line ends are fine. Relative image paths resolve against
+rather than misread (see :func:`_detect_encoding`); ``encoding: cp1252`` reads it. A UTF-8 file with a damaged byte
+is refused naming that byte, never read as GB18030 or a code page. CRLF line ends are fine. Relative image paths resolve against
 the CSV's folder unless ``image_root`` says otherwise; ``imgs\\a.jpg`` written on Windows works (see
 :func:`mmdata.normalize.record_path`).
 
@@ -61,7 +62,11 @@ class CsvSource(Source):
     @property
     def encoding(self) -> str:
         if self._encoding is None:
-            self._encoding = self.params.encoding if self.params.encoding != "auto" else _detect_encoding(self.path)
+            if self.params.encoding == "auto":
+                self._encoding = _detect_encoding(self.path)
+            else:
+                _refuse_a_utf8_bom_read_as(self.path, self.params.encoding)
+                self._encoding = self.params.encoding
         return self._encoding
 
     @property
@@ -139,22 +144,62 @@ def _detect_encoding(path: Path) -> str:
     guessed: cp1252, cp1250 and latin-1 decode the same bytes to different letters.
     """
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head in (b"\xff\xfe", b"\xfe\xff"):
+        head = f.read(3)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "utf-16"
     if _decodes(path, "utf-8-sig"):
         return "utf-8-sig"
-    lone = runs = 0
+    lone = runs = utf8_runs = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             for run in re.findall(rb"[\x80-\xff]+", block):
                 lone, runs = (lone + 1, runs) if len(run) == 1 else (lone, runs + 1)
+                utf8_runs += _is_utf8(run)
+    if head == codecs.BOM_UTF8 or utf8_runs > (lone + runs) / 2:
+        # UTF-8 with a few damaged bytes: any other decoding would turn all its good text into mojibake
+        offset, line = _first_bad_utf8(path)
+        raise SourceError(f"{path}: UTF-8 text, but not valid UTF-8 at byte {offset} (line {line}); fix or remove "
+                          "the damaged character there, or re-save the file as UTF-8")
     if lone <= runs and _decodes(path, "gb18030"):
         return "gb18030"
     single = (" (its non-ASCII bytes stand alone, as in a single-byte code page: Western Excel saves cp1252, so "
               "probably source.encoding: cp1252)" if lone > runs else "")
     raise SourceError(f"{path}: neither UTF-8 nor GB18030; set source.encoding to the file's encoding{single}, or "
                       "re-save the file as UTF-8")
+
+
+def _refuse_a_utf8_bom_read_as(path: Path, encoding: str) -> None:
+    """A file that starts with UTF-8's byte-order mark is UTF-8: read as a code page, every non-ASCII letter and
+    the first column's name would be mojibake (``ï»¿image``, so a mapped column goes missing)."""
+    if codecs.lookup(encoding).name.startswith("utf"):
+        return
+    with open(path, "rb") as f:
+        if f.read(3) == codecs.BOM_UTF8:
+            raise SourceError(f"{path}: starts with a UTF-8 byte-order mark, so it is UTF-8, but source.encoding is "
+                              f"{encoding!r}; remove source.encoding (a damaged byte is then named)")
+
+
+def _is_utf8(run: bytes) -> bool:
+    try:
+        run.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int]:
+    """The byte offset and 1-based line of the first byte that is not valid UTF-8."""
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = max(e.start - pending, 0)
+                return offset + at - (pending if e.start < pending else 0), line + block[:at].count(b"\n")
+            offset, line = offset + len(block), line + block.count(b"\n")
+    return offset, line
 
 
 def _decodes(path: Path, encoding: str) -> bool:
