@@ -95,6 +95,19 @@ def test_llava_family_json_builds_with_no_fields(tmp_path, flavour):
     assert image_bytes(result, got["Same table."]) == [pictures[f"{folder}/0.jpg"], pictures[f"{folder}/2.jpg"]]
 
 
+@pytest.mark.parametrize("key", ["messages", "conversations"])
+def test_a_sharegpt_records_top_level_system_prompt_is_its_system_turn(tmp_path, key):
+    """LLaMA-Factory's sharegpt keeps the system prompt beside the turns; it used to be dropped without a word."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    turns = [{"role": "user", "content": "<image>Findings?"}, {"role": "assistant", "content": "None."}]
+    with_system = {key: turns, "system": "You are a radiologist.", "images": ["a.jpg"]}
+    own_turn = {key: [{"role": "system", "content": "Own."}, *turns], "system": "Beside.", "images": ["a.jpg"]}
+    (tmp_path / "d.json").write_text(json.dumps([with_system, own_turn]))
+    result = build(tmp_path, {"type": "json", "path": "d.json"}, system="Recipe default.")
+    assert [r["messages"][0] for r in written(result)] == [{"role": "system", "content": "You are a radiologist."},
+                                                           {"role": "system", "content": "Own."}]
+
+
 def test_explicit_image_field_on_llava_json_does_not_count_the_image_twice(tmp_path):
     (tmp_path / "x.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "d.jsonl").write_text(json.dumps(

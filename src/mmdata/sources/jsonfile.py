@@ -1,7 +1,7 @@
 """JSON / JSONL source for the conversation shapes people already have.
 
 Recognised per record (``shape: auto``): LLaMA-Factory sharegpt ``messages`` (role/content), ``conversations``
-(from/value with human/gpt, or role/value), the tutorial layout whose user turn *is* an image path, and alpaca
+(from/value with human/gpt, or role/value), either with a top-level ``system`` prompt, the tutorial layout whose user turn *is* an image path, and alpaca
 ``instruction/input/output`` (+ ``system``, ``history``, ``images``). Each record becomes a row with canonical
 ``messages`` ([{role, content}]), ``images``, ``videos`` and ``id``, plus its other top-level keys untouched.
 
@@ -129,6 +129,9 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
     if shape in ("auto", "sharegpt") and ("messages" in record or "conversations" in record):
         key = "messages" if "messages" in record else "conversations"
         messages, images_from_turns = _turns(record[key], key)
+        if record.get("system") and not (messages and messages[0]["role"] == "system"):
+            # LLaMA-Factory's sharegpt keeps the system prompt beside the turns (its "system" column)
+            messages.insert(0, {"role": "system", "content": record["system"]})
         row["messages"] = messages
         row["images"] = _record_images(record, row) + images_from_turns
     elif shape in ("auto", "alpaca") and "instruction" in record:
