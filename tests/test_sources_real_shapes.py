@@ -624,6 +624,19 @@ def test_a_single_local_data_file(tmp_path, suffix):
     assert [r["messages"][1]["content"] for r in written(result)] == ["a0", "a1", "a2"]
 
 
+@pytest.mark.parametrize("where", ["data.csv", "copy/data/train.csv"], ids=["one file", "hub-layout folder"])
+def test_hf_over_csv_keeps_every_cell_as_the_text_in_the_file(tmp_path, where):
+    """pandas' defaults, which ``datasets``' csv builder passes on, made "None"/"NA"/"null"/"N/A" empty answers
+    (rejects) and "007" a "7.0" without a word; the csv source always read them as text."""
+    answers = ["None", "NA", "null", "N/A", "007", "1.50"]
+    path = tmp_path / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("question,answer\n" + "".join(f"q{i},{a}\n" for i, a in enumerate(answers)))
+    source = {"type": "hf", "path": where if where.endswith(".csv") and "/" not in where else "copy"}
+    result = build(tmp_path, source, fields={"question": "question", "answer": "answer"})
+    assert [r["messages"][1]["content"] for r in written(result)] == answers and not rejects(result)
+
+
 def test_offline_hub_auto_fails_fast_with_one_line_per_hub(tmp_path, monkeypatch):
     MsDataset = pytest.importorskip("modelscope.msdatasets").MsDataset  # noqa: N806
 

@@ -31,6 +31,7 @@ way ``datasets`` would"; the tests patch ``hub_unreachable`` here, where the loa
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import os
 import shutil
@@ -311,17 +312,26 @@ def _load_local(params: HfParams, location: str, fresh: bool) -> tuple[list, lis
         if len(params.splits) != 1:
             raise SourceError(f"{path}: one data file holds one split; source.split lists {params.split}")
 
-        def make_builder():
-            return datasets.load_dataset_builder(builder_name, data_files={params.splits[0]: str(path)})
+        def make_builder(**config):
+            return datasets.load_dataset_builder(builder_name, data_files={params.splits[0]: str(path)}, **config)
     else:
         kwargs = dict(name=params.subset, data_dir=params.data_dir, data_files=params.data_files)
         if params.trust_remote_code:
             kwargs["trust_remote_code"] = True
 
-        def make_builder():
-            return datasets.load_dataset_builder(str(path), **{k: v for k, v in kwargs.items() if v is not None})
+        def make_builder(**config):
+            return datasets.load_dataset_builder(str(path), **{k: v for k, v in kwargs.items() if v is not None},
+                                                 **config)
     builder = make_builder()
     files = _builder_files(builder, path)
+    header = _csv_header(builder, files)
+    if header:
+        # pandas' defaults would read "None", "NA" and "" as missing and "007" as 7.0: every column stays the text
+        # in the file, as the csv source reads it
+        make_builder = functools.partial(
+            make_builder, features=datasets.Features({c: datasets.Value("string") for c in header}),
+            keep_default_na=False)
+        builder = make_builder()
     if params.streaming:
         return [builder.as_streaming_dataset(split=split) for split in params.splits], files
     from filelock import FileLock  # a dependency of datasets
@@ -340,6 +350,21 @@ def _load_local(params: HfParams, location: str, fresh: bool) -> tuple[list, lis
         else:
             builder.download_and_prepare()
         return [builder.as_dataset(split=split) for split in params.splits], files
+
+
+def _csv_header(builder, files: list[Path]) -> list[str] | None:
+    """The column names of a CSV builder's first data file when its column types are not declared, else None."""
+    import csv
+
+    if builder.name != "csv" or builder.config.features is not None:
+        return None
+    first = next((f for f in files if f.name != "README.md"), None)
+    try:
+        with open(first, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter=builder.config.sep or builder.config.delimiter or ","), [])
+    except (OSError, TypeError, UnicodeDecodeError, csv.Error):
+        return None  # the builder's own reading says what is wrong
+    return header if header and len(set(header)) == len(header) else None
 
 
 def _builder_files(builder, path: Path) -> list[Path]:
