@@ -452,6 +452,20 @@ def test_a_dataframe_builds_and_rebuilds_up_to_date(tmp_path, frame):
     assert not rebuilt.up_to_date and written(rebuilt, "dataset")[0]["messages"][1]["content"] == "a crimson box"
 
 
+def test_a_dataframe_integer_column_with_a_missing_cell_is_written_as_integers(tmp_path, monkeypatch):
+    """pandas stores ``[3, NaN, 2]`` as floats: the answers used to be written "3.0" and "2.0"."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.jpg").write_bytes(jpeg_bytes())
+    df = pd.DataFrame({"image": ["a.jpg"] * 4, "question": ["How many?"] * 4, "answer": [3, np.nan, 2, 10**12],
+                       "ratio": [0.5, 2.0, 1.0, 3.0]})
+    result = mmdata.build(df, output__dir="out", num_proc=1)
+    assert [r["messages"][1]["content"] for r in written(result, *result.datasets)] == ["3", "2", "1000000000000"]
+    both = mmdata.build(df, output__dir="out2", fields__answer="ratio", num_proc=1)  # real floats stay floats
+    assert [r["messages"][1]["content"] for r in written(both, *both.datasets)] == ["0.5", "2.0", "1.0", "3.0"]
+
+
 def test_a_dataframe_builds_in_forked_workers_under_its_own_name(tmp_path, frame):
     result = mmdata.build(frame.iloc[:4], output__dir="out", fields__answer="caption", name="notebook",
                           output__shard_size=1, num_proc=2)

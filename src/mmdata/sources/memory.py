@@ -147,6 +147,7 @@ class MemorySource(Source):
             data = keep_images_encoded(data)
             self.labels = class_label_converters(data.features)
         self.data = data
+        self.whole_numbers = _whole_number_columns(data) if self.kind == "pandas" else set()
         columns = [str(c) for c in (data.columns if self.kind == "pandas" else data.column_names)]
         self.shape = params.shape or ("auto" if {"messages", "conversations", "instruction"} & set(columns)
                                       else "columns")
@@ -168,7 +169,7 @@ class MemorySource(Source):
 
         stop = min(stop, len(self.data))
         if self.kind == "pandas":
-            raw = ({str(k): _plain(v) for k, v in record.items()}
+            raw = ({str(k): _plain(v, int if k in self.whole_numbers else None) for k, v in record.items()}
                    for record in self.data.iloc[start:stop].to_dict(orient="records"))
         else:
             raw = iter(self.data.select(range(start, stop))) if start < stop else iter(())
@@ -180,13 +181,29 @@ class MemorySource(Source):
         return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()
 
 
-def _plain(value: Any) -> Any:
-    """A pandas cell as a plain Python value: numpy scalars unboxed, arrays as lists, NA/NaT as ``None``."""
+def _whole_number_columns(df) -> set:
+    """Float columns with missing cells whose other values are all whole numbers: integer columns that pandas
+    turned into floats for the missing cells (``[3, NaN, 2]``), whose 3 must be written "3", not "3.0"."""
+    found = set()
+    for column in df.columns:
+        values = df[column]
+        if values.dtype.kind == "f" and values.isna().any():
+            present = values.dropna()
+            if ((present % 1) == 0).all():
+                found.add(column)
+    return found
+
+
+def _plain(value: Any, whole: type | None = None) -> Any:
+    """A pandas cell as a plain Python value: numpy scalars unboxed, arrays as lists, NA/NaT as ``None``; ``whole``
+    (``int``) for a cell of a :func:`_whole_number_columns` column."""
     if type(value).__module__ == "numpy":
         if hasattr(value, "tolist"):
-            return value.tolist()
+            value = value.tolist()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if whole is not None and isinstance(value, float) and math.isfinite(value):
+        return whole(value)
     try:
         import pandas as pd
 
