@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import yaml
@@ -67,11 +68,13 @@ def test_test_split_is_predicted_and_no_split_uses_val_size(tmp_path):
     rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
                             for i in range(12)))
-    for name, split in (("three", {"val": 2, "test": 3}), ("plain", {})):
+    for name, split in (("three", {"val": 2, "test": 3}), ("plain", {}), ("held", {"val": 8, "test": 4})):
         recipe = {"name": name, "source": {"type": "jsonl", "path": str(rows)}, "split": split,
                   "output": {"dir": str(tmp_path / name)}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-        mmdata.build(str(tmp_path / f"{name}.yaml"), quiet=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mmdata.BuildWarning)  # "held" has no train split, on purpose
+            mmdata.build(str(tmp_path / f"{name}.yaml"), quiet=True)
 
     write_llamafactory_configs(tmp_path / "three")
     assert load(tmp_path / "three" / "predict.yaml")["eval_dataset"] == "three_test"
@@ -84,6 +87,12 @@ def test_test_split_is_predicted_and_no_split_uses_val_size(tmp_path):
     assert train["dataset"] == "plain" and train["val_size"] == 0.1 and "eval_dataset" not in train
     write_llamafactory_configs(tmp_path / "plain")
     assert "val_size" not in load(tmp_path / "plain" / "train_lora.yaml")
+    # no held-out split: predict.yaml can only predict on train, and says so (it used to without a word)
+    assert load(tmp_path / "plain" / "predict.yaml")["eval_dataset"] == "plain"
+    assert "predicts on the training set" in (tmp_path / "plain" / "predict.yaml").read_text()
+    assert "predicts on the training set" not in (tmp_path / "three" / "predict.yaml").read_text()
+    with pytest.raises(LlamaFactoryConfigError, match="no train split to train on"):
+        write_llamafactory_configs(tmp_path / "held")
 
 
 def test_image_max_pixels_follows_the_recipe(tmp_path):

@@ -2,14 +2,15 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
-from tests.conftest import LLAMAFACTORY_INFO, read_jsonl_dir, write_recipe
+from tests.conftest import LLAMAFACTORY_INFO, jpeg_bytes, read_jsonl_dir, write_recipe
 
 import mmdata
 from mmdata.cli import main
-from mmdata.errors import BuildError, DatasetInfoError
+from mmdata.errors import BuildError, DatasetInfoError, RecipeError
 
 TUTORIAL_RECIPE = """\
 name: latex_ocr_csv
@@ -134,6 +135,37 @@ def test_split_fraction_and_test_split(tmp_path):
     assert set(result.datasets) == {"s_train", "s_val", "s_test"}
     answers = [r["messages"][1]["content"] for name in result.datasets for r in read_jsonl_dir(result.datasets[name])]
     assert sorted(answers) == sorted(formulas)  # every row in exactly one split
+
+
+@pytest.mark.parametrize("split, empty, says", [
+    ({"val": 0.01}, "val", "split.val: 0.01 of 20 written records rounds to 0"),
+    ({"val": 0.3, "group_by": "image"}, "val", "split.val: 0.3 asks for 6 of 20 records, but split.group_by keeps"),
+    ({"val": 15, "test": 5}, "train", "split.val and split.test took all 20 written records"),
+])
+def test_a_split_that_comes_out_empty_is_a_warning_naming_the_fix(tmp_path, split, empty, says):
+    """Each used to build silently without the split (and `mmdata llamafactory` then predicted on train)."""
+    formulas = [f"z_{{{i}}}" for i in range(20)]
+    source = ({"type": "synthetic_latex", "formulas": formulas} if "group_by" not in split else
+              {"type": "json", "path": "d.json"})
+    if "group_by" in split:  # twenty questions about one image: no group fits in val
+        (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+        (tmp_path / "d.json").write_text(json.dumps([{"images": ["a.jpg"], "messages": [
+            {"role": "user", "content": f"<image>q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(20)]))
+    recipe = {"name": "s", "source": source, "prompt": "p", "split": split, "output": {"dir": str(tmp_path / "o")}}
+    with pytest.warns(mmdata.BuildWarning, match=f"no record went to {empty}: {re.escape(says)}"):
+        result = mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+    assert empty not in result.counts["by_split"] and result.written == 20
+    clean = mmdata.build(str(write_recipe(tmp_path / "r2.yaml", {**recipe, "split": {"val": 2},
+                                                                   "output": {"dir": str(tmp_path / "o2")}})),
+                         num_proc=1)
+    assert "unfilled_splits" not in clean.counts and not clean.warnings
+
+
+def test_split_sizes_are_counts_or_shares_never_true(tmp_path):
+    recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": ["a"]}, "split": {"val": True},
+              "output": {"dir": str(tmp_path / "o")}}
+    with pytest.raises(RecipeError, match="not true/false"):
+        mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
 
 
 def test_split_last_takes_the_tail(tmp_path):

@@ -90,10 +90,13 @@ class BuildResult:
         c = self.counts
         considered = c["read"] - c.get("skipped", 0)
         failed = _failed(c)
+        found = []
         if c["written"] and considered and failed / considered > REJECT_WARNING:
-            return [f"{100 * failed / considered:.1f}% of the rows were rejected ({_reasons(c)}); see "
-                    f"{self.output_dir / 'rejects.jsonl'}, or set max_rejected to fail such builds"]
-        return []
+            found.append(f"{100 * failed / considered:.1f}% of the rows were rejected ({_reasons(c)}); see "
+                         f"{self.output_dir / 'rejects.jsonl'}, or set max_rejected to fail such builds")
+        for split, asked in c.get("unfilled_splits", {}).items():
+            found.append(_unfilled(split, asked, c["written"]))
+        return found
 
     @property
     def written(self) -> int:
@@ -102,6 +105,19 @@ class BuildResult:
     @property
     def rejected(self) -> int:
         return self.counts["rejected"]
+
+
+def _unfilled(split: str, asked: int | float, written: int) -> str:
+    """Why a split the recipe asked for holds no record, and the fix."""
+    if split == "train":
+        return (f"no record went to train: split.val and split.test took all {written} written records; lower them "
+                "(nothing is registered for training)")
+    if _size(asked, written) == 0:
+        return (f"no record went to {split}: split.{split}: {asked} of {written} written records rounds to 0; set "
+                f"split.{split} to a count (split.{split}: 1) or a larger share")
+    return (f"no record went to {split}: split.{split}: {asked} asks for {_size(asked, written)} of {written} "
+            "records, but split.group_by keeps each group whole and every group is larger (one image under all "
+            f"records?); group by something finer, or drop split.group_by")
 
 
 #: A build that rejects more than this share of its rows says so (``BuildResult.warnings``).
@@ -277,6 +293,12 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
         "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
         "by_split": {d["split"]: d["count"] for d in datasets.values()},
     }
+    unfilled = {s: getattr(recipe.split, s) for s in ("val", "test") if getattr(recipe.split, s)
+                and not counts["by_split"].get(s)}
+    if recipe.split.enabled and not counts["by_split"].get("train"):
+        unfilled["train"] = 0
+    if datasets and unfilled:  # a split the recipe asked for came out empty: BuildResult.warnings says why
+        counts["unfilled_splits"] = unfilled
     if skipped:
         counts["skipped"] = sum(skipped.values())
         counts["skipped_by_reason"] = skipped

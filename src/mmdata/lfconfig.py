@@ -18,6 +18,7 @@ import argparse
 import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -86,6 +87,10 @@ class BuildDatasets:
 
     def names(self, split: str) -> list[str]:
         return self.splits.get(split, [])
+
+
+PREDICTS_ON_TRAIN = ("Note: the build has no val or test split, so this predicts on the training set: its scores "
+                     "measure fit, not generalisation (rebuild with split.val or split.test).")
 
 
 def read_build(build_dir: str | Path) -> BuildDatasets:
@@ -348,7 +353,8 @@ def write_llamafactory_configs(
                                if ds_path else "Run: llamafactory-cli train train_lora.yaml")),
         "predict.yaml": ("train", predict_config(build, opts, cutoff_len, image_max_pixels, max_new_tokens),
                          "Predictions of the trained adapter (generated_predictions.jsonl in output_dir).\n"
-                         "Run: llamafactory-cli train predict.yaml"),
+                         + ("" if build.names("test") or build.names("val") else PREDICTS_ON_TRAIN + "\n")
+                         + "Run: llamafactory-cli train predict.yaml"),
         "merge.yaml": ("export", merge_config(opts),
                        "Merge the LoRA adapter into the base model (do not merge into a quantized model).\n"
                        "Run: llamafactory-cli export merge.yaml"),
@@ -393,6 +399,9 @@ def cmd_llamafactory(args: argparse.Namespace) -> int:
     )
     for path in written:
         print(path)
+    build = read_build(args.build_dir)
+    if not (build.names("test") or build.names("val")):
+        print(PREDICTS_ON_TRAIN, file=sys.stderr)
     print(f"next: llamafactory-cli train {written[0]}")
     return 0
 

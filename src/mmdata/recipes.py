@@ -149,6 +149,13 @@ class Split(_Strict):
             raise ValueError("split.from_source takes the source's own splits: leave split.val and split.test at 0")
         return self
 
+    @field_validator("val", "test", mode="before")
+    @classmethod
+    def _not_a_switch(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `val: true` would pass as a count of 1
+            raise ValueError("a split size is a count (int >= 0) or a fraction (0 <= float < 1), not true/false")
+        return v
+
     @field_validator("val", "test")
     @classmethod
     def _non_negative(cls, v: int | float) -> int | float:

@@ -45,7 +45,7 @@ def format_summary(result) -> str:
         lines.append(f"  {tokens['summary']}")
     grouped = _manifest_section(result, "grouped_split")
     if grouped:
-        asked = ", ".join(f"{s} {n:,}" for s, n in grouped["asked"].items() if n)
+        asked = ", ".join(f"{s} {n:,}" for s, n in grouped["asked"].items() if n) or "val 0, test 0"
         lines.append(f"  split grouped by {grouped['by']}: {grouped['groups']:,} groups kept whole (asked {asked})")
     leakage = getattr(result, "leakage", None)
     if leakage is not None:
