@@ -211,6 +211,18 @@ def test_a_tampered_state_never_names_a_file_outside_the_folder(tmp_path):
     assert hashes(tmp_path, skip=out) == before and sibling.read_text() == "keep me too"
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_output_dir_that_is_a_file_or_lies_under_one_is_refused_naming_it(tmp_path, under):
+    """It used to fail with the OS error and "rerun the same command: the build resumes", which cannot help."""
+    jsonl_source(tmp_path / "src")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    r = recipe(tmp_path / "src", afile / under if under else afile, {"type": "jsonl", "path": "data.jsonl"})
+    with pytest.raises(BuildError, match=r"afile\.txt is a file, not a folder"):
+        build(r)
+    assert afile.read_text() == "mine"
+
+
 @pytest.mark.parametrize("planted", ["link", "file", "folder of the user's"])
 def test_a_state_folder_that_is_not_mmdatas_is_never_cleared(tmp_path, planted):
     """``.mmdata`` is the one name a build clears wholesale: a link there, a file, or a folder holding other files

@@ -111,6 +111,20 @@ def test_refuses_to_replace_a_different_entry_without_overwrite(tutorial_recipe,
     assert info["latex_ocr_csv_train"]["file_name"] == "latex_ocr_csv_train" and result.written == 4
 
 
+@pytest.mark.parametrize("existing", ['{"a": {"file_name": "one.json"}, "a": {"file_name": "two.json"}}', '{"a": ',
+                                      "[]"], ids=["a key twice", "not JSON", "not an object"])
+def test_a_dataset_info_mmdata_cannot_rewrite_whole_is_refused_before_anything_is_written(tutorial_recipe, tmp_path,
+                                                                                           existing):
+    """A key written twice: rewriting the file kept only the last entry, the other was dropped without a word."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "dataset_info.json").write_text(existing)
+    with pytest.raises(DatasetInfoError, match="appears twice|not valid JSON|not an object"):
+        mmdata.build(str(tutorial_recipe), output__dir=str(out), num_proc=1)
+    assert (out / "dataset_info.json").read_text() == existing
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json"]  # refused before any data was written
+
+
 def test_json_array_and_alpaca_output(tutorial_recipe, tmp_path):
     result = mmdata.build(str(tutorial_recipe), output__dir=str(tmp_path / "o"), output__file_format="json",
                           output__format="alpaca", system="You read formulas.", num_proc=1)

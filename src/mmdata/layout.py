@@ -197,8 +197,12 @@ class OutputLock:
         return self.layout.state / "running" / f"shard-{index}-of-{count}.lock"
 
     def __enter__(self) -> OutputLock:
-        self._created = not self.layout.root.exists()
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        root = self.layout.root
+        blocking = next((p for p in [root, *root.parents] if p.exists() or p.is_symlink()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise BuildError(f"output.dir {root}: {blocking} is a file, not a folder; choose another output.dir")
+        self._created = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
         self._folder = os.open(self.layout.root, os.O_RDONLY)
         fcntl.flock(self._folder, fcntl.LOCK_EX)
         try:

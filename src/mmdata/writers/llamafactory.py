@@ -110,6 +110,40 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise _RepeatedKey(key)
+        found[key] = value
+    return found
+
+
+def read_dataset_info(path: Path) -> dict:
+    """An existing ``dataset_info.json`` to merge into ({} when missing or empty); one that mmdata could not rewrite
+    without losing something (not JSON, not an object, a key written twice) is a :class:`DatasetInfoError`."""
+    if not path.exists() or path.stat().st_size == 0:
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
+    except json.JSONDecodeError as e:
+        raise DatasetInfoError(f"{path}: existing file is not valid JSON (line {e.lineno}: {e.msg}); fix or move it, "
+                               "mmdata will not overwrite it") from None
+    except _RepeatedKey as e:
+        raise DatasetInfoError(
+            f"{path}: the key {e.args[0]!r} appears twice (JSON readers keep only the last one, so rewriting the file "
+            "would drop the other); remove one of them, mmdata will not overwrite it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetInfoError(f"{path}: cannot be read ({e}); fix or move it") from None
+    if not isinstance(info, dict):
+        raise DatasetInfoError(f"{path}: top level is not an object; fix or move it")
+    return info
+
+
 def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = False) -> list[str]:
     """Add ``entries`` to the ``dataset_info.json`` at ``path`` (created if missing); returns the names written.
 
@@ -120,17 +154,7 @@ def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = F
     with locked(path):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # only a lock holder writes these: a killed merge's
             stale.unlink(missing_ok=True)
-        info: dict = {}
-        if path.exists() and path.stat().st_size > 0:
-            try:
-                info = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DatasetInfoError(
-                    f"{path}: existing file is not valid JSON (line {e.lineno}: {e.msg}); fix or move it, "
-                    "mmdata will not overwrite it"
-                ) from None
-            if not isinstance(info, dict):
-                raise DatasetInfoError(f"{path}: top level is not an object; fix or move it")
+        info = read_dataset_info(path)
         clashes = [n for n, e in entries.items() if n in info and info[n] != e]
         if clashes and not overwrite:
             raise DatasetInfoError(
