@@ -332,6 +332,31 @@ def test_windows_paths_in_a_csv_resolve_or_say_why(tmp_path):
     assert balanced(result)
 
 
+def test_an_image_named_in_the_other_unicode_form_is_found_and_a_url_is_a_reject_saying_so(tmp_path):
+    """A file saved on macOS (NFD "café") named in NFC by the record (or the reverse) looked missing; a URL was
+    reported as a missing file under the image folder."""
+    import unicodedata
+
+    (tmp_path / unicodedata.normalize("NFD", "café.jpg")).write_bytes(jpeg_bytes())
+    (tmp_path / unicodedata.normalize("NFC", "naïve.jpg")).write_bytes(jpeg_bytes(color=(1, 2, 3)))
+    rows = [{"images": [unicodedata.normalize("NFC", "café.jpg")]}, {"images": [unicodedata.normalize("NFD", "naïve.jpg")]},
+            {"images": ["https://example.com/a.jpg"]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({**r, "messages": [
+        {"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A."}]}) + "\n" for r in rows))
+    result = build(tmp_path, {"type": "jsonl", "path": "d.jsonl"})
+    assert result.written == 2
+    (reject,) = rejects(result)
+    assert reject["reason"] == "image is a URL" and "download the images" in reject["message"]
+
+
+def test_a_placeholder_in_an_answer_is_named_as_such(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.json").write_text(json.dumps([{"image": "a.jpg", "conversations": human_gpt(
+        "<image>What is it?", "In the answer <image> a placeholder")}]))
+    (reject,) = rejects(build(tmp_path, {"type": "json", "path": "d.json"}))
+    assert "2 <image> placeholder(s) but 1 image(s) (1 of them in assistant or system text" in reject["message"]
+
+
 def test_backslash_paths_in_json_too(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.png").write_bytes(png_bytes())

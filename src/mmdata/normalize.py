@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import string
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,9 @@ def image_refs(value: Any, image_root: Path, allowed_roots: Sequence[Path] | Non
 WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\x, C:/x, \\server\share
 
 
+URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def record_path(text: str, image_root: Path, roots: Sequence[Path]) -> Path:
     """The file a record's path names, confined to ``roots`` (:func:`contained_path`), with Windows paths handled.
 
@@ -154,8 +158,18 @@ def record_path(text: str, image_root: Path, roots: Sequence[Path]) -> Path:
     character, so such a path names one odd file that does not exist; if it does not, the same path with ``/`` is
     used when *that* exists (still confined), and otherwise the reject says the path uses backslashes. A Windows
     absolute path (``C:\\data\\a.jpg``) cannot be opened here at all: the reject says so and what to write instead.
+    A name in the other Unicode normal form than the file's (macOS writes NFD) finds the file; a URL is a reject
+    that says so.
     """
+    if URL.match(text):
+        raise SampleError(f"image {_shown(text)!r} is a URL: mmdata reads local files and image bytes, never the "
+                          "network; download the images and write their paths in the records", kind="image is a URL")
     literal = image_root / text
+    if not os.path.lexists(literal):  # a name typed on macOS (NFD) or elsewhere (NFC): the file as it is on disk
+        for form in ("NFC", "NFD"):
+            other = image_root / unicodedata.normalize(form, text)
+            if other != literal and os.path.lexists(other):
+                return contained_path(other, roots)
     if os.sep == "/" and ("\\" in text or WINDOWS_ABSOLUTE.match(text)) and not os.path.lexists(literal):
         if WINDOWS_ABSOLUTE.match(text):
             raise SampleError(

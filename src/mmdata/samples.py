@@ -147,8 +147,10 @@ def conversation_problems(
     text = "".join(c for _, c in turns if isinstance(c, str))
     n_image_tags = text.count(IMAGE_PLACEHOLDER)
     if n_image_tags != n_images:
+        elsewhere = sum(c.count(IMAGE_PLACEHOLDER) for r, c in turns if isinstance(c, str) and r != "user")
+        where = f" ({elsewhere} of them in assistant or system text, where no image goes)" if elsewhere else ""
         problems.append(
-            f"{n_image_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): "
+            f"{n_image_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s){where}: "
             "each image needs exactly one placeholder in the text"
         )
     n_video_tags = text.count(VIDEO_PLACEHOLDER)
