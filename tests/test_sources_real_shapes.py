@@ -795,6 +795,25 @@ def test_a_list_of_splits_is_their_rows_in_order_each_with_its_split(tmp_path):
     assert result.counts["by_split"] == {"train": 3, "val": 2, "test": 2}
 
 
+def test_rejects_say_where_the_row_is_file_and_line_or_hub_split(tmp_path):
+    """``position`` counts rows across every file of a folder source (or every split): a reject without its file,
+    line or split sent people counting records by hand."""
+    data = tmp_path / "data"
+    data.mkdir()
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (data / "a.json").write_text(json.dumps([good, {"foo": 1}]))
+    (data / "b.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"foo": 2}) + "\n{broken\n")
+    result = build(tmp_path, {"type": "json", "path": "data"})
+    assert [(r["position"], r["where"], r["reason"]) for r in rejects(result)] == [
+        (1, "a.json [1]", "bad record shape"), (3, "b.jsonl line 2", "bad record shape"),
+        (4, "b.jsonl line 3", "invalid JSON")]
+    copy = hub_copy(tmp_path / "copy", {"train": qa(2), "validation": qa(2, 10).map(
+        lambda r: {"a": "" if r["a"] == "a11" else r["a"]})})
+    split_result = build(tmp_path / "hub", {"type": "hf", "path": str(copy), "split": ["train", "validation"]},
+                         fields=QA_FIELDS, split={"from_source": True})
+    assert [(r["position"], r["split"]) for r in rejects(split_result)] == [(3, "validation")]
+
+
 def test_builtin_recipes_with_hub_splits_build_from_a_local_copy(tmp_path):
     vqa = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
                              "answer": datasets.Value("string")})

@@ -135,6 +135,7 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
         stats.read += 1
         source_name = row.pop("__source__", None) if isinstance(row, dict) else None
         source_split = row.pop("__split__", None) if isinstance(row, dict) else None
+        origin = {"where": row.pop("__where__", None) if isinstance(row, dict) else None, "split": source_split}
         try:
             line, sample, sizes, fingerprint = _process_row(ctx, task, position, row,
                                                             phashes if prints is not None else None)
@@ -150,7 +151,7 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
                 prints.add(position, fingerprint, tokens, answer_tokens, _record_id(row, ctx.fields), source_name)
         except SampleError as e:
             stats.rejected[e.kind] += 1
-            rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name))
+            rejects.append(_reject_line(position, row, ctx.fields, e.kind, str(e), source_name, origin))
             continue
         except (OSError, MemoryError, BuildError):
             raise  # the output or the machine failed, not the row: the build stops and resumes after the fix
@@ -158,7 +159,7 @@ def run_task(ctx: TaskContext, task: int, rows: Iterable[tuple[int, dict]] | Row
             kind = f"internal error: {type(e).__name__}"
             message = f"{kind}: {e} (a bug in mmdata or a plug-in: please report it with this row)"
             stats.rejected[kind] += 1
-            rejects.append(_reject_line(position, row, ctx.fields, kind, message, source_name))
+            rejects.append(_reject_line(position, row, ctx.fields, kind, message, source_name, origin))
             continue
         stats.written += 1
         if source_name:
@@ -362,10 +363,14 @@ def _record_id(row: Any, fields: dict) -> str | int | float | None:
     return record_id
 
 
-def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None) -> str:
+def _reject_line(position: int, row: Any, fields: dict, kind: str, message: str, source: str | None,
+                 origin: dict | None = None) -> str:
+    """A reject: ``position`` counts rows across the whole source; ``origin`` adds where the row is in the input
+    when the source knows (``where``: ``b.jsonl line 2`` for a folder of files; ``split``: a hub split)."""
     entry = {"position": position, "id": _record_id(row, fields), "reason": kind, "message": message}
     if source:
         entry["source"] = source
+    entry.update({k: v for k, v in (origin or {}).items() if v is not None})
     return json_line(entry)
 
 

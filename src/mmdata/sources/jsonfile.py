@@ -60,7 +60,8 @@ class JsonSource(Source):
             return self.resolve(self.params.image_root)
         return self.path if self.path.is_dir() else self.path.parent
 
-    def raw_records(self) -> Iterator[object]:
+    def raw_records(self) -> Iterator[tuple[str, object]]:
+        """``(where, record)``: where names the file and the line (JSON Lines) or the index (an array)."""
         for file in self.files:
             try:
                 yield from _read_records(file)
@@ -68,15 +69,15 @@ class JsonSource(Source):
                 raise SourceError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
 
     def rows(self) -> Iterator[dict]:
-        for record in self.raw_records():
+        for where, record in self.raw_records():
             if isinstance(record, dict) and "__error__" in record:
-                yield record
+                yield {**record, "__where__": where}
                 continue
             try:
-                yield to_canonical(record, self.params.shape)
+                yield {**to_canonical(record, self.params.shape), "__where__": where}
             except ShapeError as e:
                 # Keep the row so the pipeline rejects it with the reason instead of losing it.
-                yield {"__error__": str(e), "__reason__": "bad record shape",
+                yield {"__error__": str(e), "__reason__": "bad record shape", "__where__": where,
                        "id": record.get("id") if isinstance(record, dict) else None}
 
     def num_rows(self) -> int:
@@ -86,8 +87,9 @@ class JsonSource(Source):
         return files_fingerprint(self.files) + self.params.model_dump_json()
 
 
-def _read_records(path: Path) -> Iterator[object]:
-    """A JSON array (parsed whole: arrays cannot be streamed by the stdlib) or JSON Lines, one record per line."""
+def _read_records(path: Path) -> Iterator[tuple[str, object]]:
+    """A JSON array (parsed whole: arrays cannot be streamed by the stdlib) or JSON Lines, one record per line; each
+    record with where it is (``d.json [3]``, ``d.jsonl line 4``)."""
     with open(path, encoding="utf-8-sig") as f:
         first = f.read(1)
         while first and first.isspace():
@@ -100,7 +102,7 @@ def _read_records(path: Path) -> Iterator[object]:
                 raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
             except (ValueError, RecursionError) as e:  # nesting too deep, integer too long
                 raise SourceError(f"{path}: cannot parse the JSON ({type(e).__name__}: {e})") from None
-            yield from data
+            yield from ((f"{path.name} [{i}]", record) for i, record in enumerate(data))
             return
         if first == "{" and path.suffix == ".json":
             try:
@@ -115,11 +117,12 @@ def _read_records(path: Path) -> Iterator[object]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path.name} line {lineno}"
             try:
-                yield json.loads(line)
+                yield where, json.loads(line)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, nesting too deep, integer too long
                 why = e.msg if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {str(e)[:200]}"
-                yield {"__error__": f"{path.name} line {lineno}: invalid JSON ({why})", "__reason__": "invalid JSON"}
+                yield where, {"__error__": f"{where}: invalid JSON ({why})", "__reason__": "invalid JSON"}
 
 
 def to_canonical(record: object, shape: str = "auto") -> dict:
