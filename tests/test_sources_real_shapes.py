@@ -585,6 +585,20 @@ def test_bad_metadata_lines_are_rejects_not_a_crash(tmp_path, captioned):
     assert result.counts["read"] == 4
 
 
+def test_a_metadata_csv_from_windows_reads_with_true_line_numbers(tmp_path, captioned):
+    """A cp1252 metadata.csv could not be read at all (no encoding option), and a caption spanning lines made every
+    later reject name the wrong line."""
+    (captioned / "metadata.csv").write_bytes(
+        'file_name,text\r\na.jpg,"café\r\non two lines"\r\n,no file\r\nc.jpg,gamma,extra\r\nc.jpg,gamma\r\n'
+        .encode("cp1252"))
+    with pytest.raises(SourceError, match="source.encoding: cp1252"):
+        build(tmp_path, {"type": "imagefolder", "path": "pics"}, prompt="Describe.")
+    result = build(tmp_path, {"type": "imagefolder", "path": "pics", "encoding": "cp1252"}, prompt="Describe.")
+    assert [r["messages"][1]["content"] for r in written(result)] == ["café\r\non two lines", "gamma"]
+    assert [r["message"].split(":")[0] for r in rejects(result)] == ["metadata.csv line 4", "metadata.csv line 5"]
+    assert "3 fields but the header has 2" in rejects(result)[1]["message"]
+
+
 def test_a_json_file_symlinked_into_a_folder_source_is_refused(tmp_path):
     folder = tmp_path / "jsons"
     folder.mkdir()

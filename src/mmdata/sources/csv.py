@@ -38,12 +38,26 @@ class CsvParams(SourceParams):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
-        if value != "auto":
-            try:
-                codecs.lookup(value)
-            except LookupError:
-                raise ValueError(f"unknown encoding {value!r}: use auto, utf-8, gb18030, cp1252, latin-1 ...") from None
-        return value
+        return known_encoding(value)
+
+
+def known_encoding(value: str) -> str:
+    """A ``source.encoding`` value: ``auto`` or a codec Python knows."""
+    if value != "auto":
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}: use auto, utf-8, gb18030, cp1252, latin-1 ...") from None
+    return value
+
+
+def csv_encoding(path: Path, declared: str) -> str:
+    """The encoding to read ``path`` with: detected for ``auto`` (:func:`_detect_encoding`), else the declared one
+    unless the file's UTF-8 byte-order mark contradicts it."""
+    if declared == "auto":
+        return _detect_encoding(path)
+    _refuse_a_utf8_bom_read_as(path, declared)
+    return declared
 
 
 @register_source("csv")
@@ -62,11 +76,7 @@ class CsvSource(Source):
     @property
     def encoding(self) -> str:
         if self._encoding is None:
-            if self.params.encoding == "auto":
-                self._encoding = _detect_encoding(self.path)
-            else:
-                _refuse_a_utf8_bom_read_as(self.path, self.params.encoding)
-                self._encoding = self.params.encoding
+            self._encoding = csv_encoding(self.path, self.params.encoding)
         return self._encoding
 
     @property

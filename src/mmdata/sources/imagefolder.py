@@ -21,6 +21,7 @@ row a reject; a metadata file outside is a :class:`SourceError`; a bad metadata 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import stat
@@ -28,11 +29,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+from pydantic import field_validator
 
 from ..errors import SampleError, SourceError
 from ..normalize import contained_path
 from . import Source, SourceParams, files_fingerprint, register_source
+from .csv import csv_encoding, known_encoding
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -48,6 +50,12 @@ class ImageFolderParams(SourceParams):
     path: str
     caption_suffix: str = ".txt"
     split: str | list[str] | None = None  # split folders to read (train, validation, test); default: all of them
+    encoding: str = "auto"  # of metadata.csv, as the csv source reads it
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        return known_encoding(value)
 
 
 @dataclass
@@ -188,15 +196,17 @@ class ImageFolderSource(Source):
         metadata = part.metadata
         prefix = "" if part.folder == self.root else part.folder.relative_to(self.root).as_posix() + "/"
         split_names = {folder.name: split for split, folder in self.split_folders} if part.split is None else {}
-        for line, record in _read_metadata(metadata):
+        for line, record in _read_metadata(metadata, self.params.encoding):
             where = f"{metadata.name} line {line}"
             if not isinstance(record, dict) or "__error__" in record:
                 error = record["__error__"] if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
                 yield {"__error__": f"{where}: {error}", "__reason__": "bad metadata row"}
                 continue
-            if not isinstance(record.get("file_name"), str) or not record["file_name"]:
-                yield {**record, "__error__": f"{where}: no file_name (every metadata row names its image in a "
-                                              "file_name column, as in HF imagefolder)", "__reason__": "bad metadata row"}
+            name = record.get("file_name")
+            if not isinstance(name, str) or not name:
+                what = (f"file_name is {name!r}, not the image's path" if name not in (None, "") else
+                        "no file_name (every metadata row names its image in a file_name column, as in HF imagefolder)")
+                yield {**record, "__error__": f"{where}: {what}", "__reason__": "bad metadata row"}
                 continue
             image = prefix + record["file_name"]
             split = split_names.get(image.split("/", 1)[0])
@@ -205,7 +215,8 @@ class ImageFolderSource(Source):
     def num_rows(self) -> int:
         count = len(self._strays())
         for i, part in enumerate(self.parts):
-            count += sum(1 for _ in _read_metadata(part.metadata)) if part.metadata else len(self.listing[i])
+            metadata = part.metadata
+            count += sum(1 for _ in _read_metadata(metadata, self.params.encoding)) if metadata else len(self.listing[i])
         return count
 
     def fingerprint(self) -> str:
@@ -217,16 +228,26 @@ class ImageFolderSource(Source):
         return files_fingerprint(files) + self.params.model_dump_json()
 
 
-def _read_metadata(path: Path) -> Iterator[tuple[int, object]]:
-    """``(line number, record)`` of a metadata.csv / metadata.jsonl; an unparsable JSON line is an ``__error__``."""
+def _read_metadata(path: Path, encoding: str = "auto") -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` of a metadata.csv / metadata.jsonl; an unparsable line is an ``__error__``.
+
+    The CSV is read with the csv source's encoding rules (a Western or GB18030 file works, a damaged UTF-8 one is
+    named) and the ``csv`` module, whose line count stays right across captions that span lines."""
     if path.suffix == ".csv":
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))  # the default 128 KiB refuses long captions
         try:
-            line = 1
-            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=10_000):
-                for record in chunk.to_dict(orient="records"):
-                    line += 1
-                    yield line, record
-        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+            with open(path, encoding=csv_encoding(path, encoding), newline="") as f:
+                reader = csv.reader(f)
+                header = [h.lstrip("\ufeff") for h in next(reader, [])]
+                start = reader.line_num + 1
+                for values in reader:
+                    if len(values) > len(header):
+                        yield start, {"__error__": f"{len(values)} fields but the header has {len(header)}: quote "
+                                                   "the field that holds a comma"}
+                    elif any(values):
+                        yield start, dict(zip(header, values + [""] * (len(header) - len(values)), strict=True))
+                    start = reader.line_num + 1
+        except (csv.Error, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: cannot parse the metadata CSV: {e}") from None
         return
     with open(path, "rb") as f:
