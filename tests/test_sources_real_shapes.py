@@ -394,6 +394,12 @@ def test_a_csv_without_data_rows_is_an_error_naming_the_file(tmp_path, content, 
         build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"answer": "text"}, prompt="p")
 
 
+def test_excels_separator_hint_line_is_named_not_read_as_the_header(tmp_path):
+    (tmp_path / "d.csv").write_text("sep=,\r\nimage,text\r\na.jpg,x\r\n")
+    with pytest.raises(SourceError, match=r"d\.csv: the first line 'sep=,' is Excel's separator hint"):
+        build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"answer": "text"}, prompt="p")
+
+
 def test_a_repeated_csv_column_name_is_refused(tmp_path):
     (tmp_path / "d.csv").write_text("image,text,text\na.jpg,one,two\n")
     with pytest.raises(SourceError, match=r"d\.csv: the header repeats column name\(s\) 'text'"):

@@ -89,7 +89,7 @@ def render(template: str, row: dict) -> str:
 
 def _columns(row: dict) -> str:
     """The row's column names for a message; internal keys (``__split__``, ``__source__``) are not columns."""
-    return ", ".join(str(k) for k in row if not str(k).startswith("__"))
+    return ", ".join(repr(str(k)) for k in row if not str(k).startswith("__"))  # quoted: spaces in names show
 
 
 def _is_missing(value: Any) -> bool:

@@ -96,11 +96,14 @@ class CsvSource(Source):
         header = [h.lstrip("\ufeff") for h in header]
         if not any(h.strip() for h in header):
             raise SourceError(f"{self.path}: the file is empty (no header, no data rows): nothing to build")
+        if header[0].lower().startswith("sep=") and not any(h.strip() for h in header[1:]):
+            raise SourceError(f"{self.path}: the first line {','.join(header)!r} is Excel's separator hint, not the "
+                              "header; delete that line (or re-save the file without it)")
         repeated = [name for name, n in Counter(header).items() if n > 1]
         if repeated:
             raise SourceError(
                 f"{self.path}: the header repeats column name(s) {', '.join(map(repr, repeated))} "
-                f"(columns: {', '.join(header)}); rename them so every column has its own name (pandas would "
+                f"(columns: {', '.join(map(repr, header))}); rename them so every column has its own name (pandas would "
                 "silently rename the second one)")
         self._header_checked = True
 
@@ -118,7 +121,7 @@ class CsvSource(Source):
             pass
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise SourceError(
-                f"{self.path}: cannot parse as CSV with encoding {self.encoding!r}: {e}. "
+                f"{self.path}: cannot parse as CSV with encoding {self.encoding!r}: {str(e).strip()}. "
                 "Fix the row it names, or set source.encoding / source.delimiter"
             ) from None
         if rows == 0:
