@@ -303,7 +303,7 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = "qwen2_vl", batch: int = 16,
                accum: int = 1, batching: str = "auto", attn: str = "auto", adapter_dtype: str = "auto",
                compile: str = "auto", compile_scope: str = "layers", deepspeed: str | None = None,
-               out: Path | None = None) -> dict:
+               checkpointing: bool = True, out: Path | None = None) -> dict:
     import gc
 
     import torch
@@ -317,12 +317,12 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
         torch.cuda.reset_peak_memory_stats()
     clock, instrument = step_clock(eos_id=EOS_ID, pad_id=PAD_ID)
     output_dir = out or root / (f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_"
-                                f"{compile}_{compile_scope}")
+                                f"{compile}_{compile_scope}" + ("" if checkpointing else "_nockpt"))
     folder = FAMILIES[family][1]
     config = load_train_config(
         None, model=str(root / folder), dataset=str(root / kind), output_dir=str(output_dir),
         max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=True,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=checkpointing,
         precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
         max_samples=batch * accum * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
@@ -335,7 +335,7 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
     name = (f"mmdata/{_label(kind, family)}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
             f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
             + (f"/{record['compile_scope']}" if record["compiled"] else "")
-            + (f"/{Path(deepspeed).stem}" if deepspeed else ""))
+            + (f"/{Path(deepspeed).stem}" if deepspeed else "") + ("" if checkpointing else "/no-checkpointing"))
     return summarise(name, clock, warmup, _flops_of(root / folder), kind=kind, family=family,
                      packing=record["batching"],
                      dropped=record["data"]["train"]["dropped"],
@@ -365,7 +365,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
 
     After the shape, in any order: ``pad``/``pack`` (batching), ``sdpa``/``varlen`` (attention; default auto),
     an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto), ``layers``/
-    ``parts`` (compile_scope; default layers). Unnamed options take the trainer's defaults."""
+    ``parts`` (compile_scope; default layers), ``nockpt`` (no gradient checkpointing: MFU without recomputation,
+    at more memory; the peer table keeps checkpointing on both sides). Unnamed options take the trainer's defaults."""
     runs = []
     for item in spec.split(","):
         kind, shape, *options = item.split(":")
@@ -382,6 +383,8 @@ def _mmdata_runs(spec: str) -> list[dict]:
                 run["compile_scope"] = option
             elif option in ("eager", "compiled"):
                 run["compile"] = {"eager": "false", "compiled": "true"}[option]
+            elif option == "nockpt":
+                run["checkpointing"] = False
             else:
                 raise SystemExit(f"--mmdata {item}: unknown option {option!r}")
         runs.append(run)
