@@ -129,6 +129,32 @@ def test_set_replaces_or_adds_train_keys(latex_build, tmp_path):
     assert train["save_steps"] == 50 and train["freeze_vision_tower"] is False
 
 
+def test_set_of_a_shared_key_changes_all_three_files_and_bad_values_are_refused(latex_build, tmp_path, monkeypatch):
+    """--set template=... changed train_lora.yaml alone (predict and merge ran another template); --set val_size
+    slipped past the --val-size check; numeric options were written as given (--cutoff-len -5) or dropped
+    (--max-steps 0); a relative model folder was written relative."""
+    write_llamafactory_configs(latex_build, out_dir=tmp_path, extra={"template": "qwen2_vl", "cutoff_len": 300})
+    for name in ("train_lora.yaml", "predict.yaml"):
+        assert load(tmp_path / name)["template"] == "qwen2_vl" and load(tmp_path / name)["cutoff_len"] == 300
+    assert load(tmp_path / "merge.yaml")["template"] == "qwen2_vl"
+    with pytest.raises(LlamaFactoryConfigError, match="--set val_size: the build already holds a val split"):
+        write_llamafactory_configs(latex_build, out_dir=tmp_path / "v", extra={"val_size": 0.1})
+    with pytest.raises(LlamaFactoryConfigError, match="--set output_dir: use --output-dir"):
+        write_llamafactory_configs(latex_build, out_dir=tmp_path / "o", extra={"output_dir": "x"})
+    for option, value in (("cutoff_len", -5), ("cutoff_len", 0), ("max_steps", 0), ("lora_rank", 0),
+                          ("batch_size", 0), ("learning_rate", -1.0), ("val_size", 1.5)):
+        with pytest.raises(LlamaFactoryConfigError, match=f"--{option.replace('_', '-')} {value}"):
+            write_llamafactory_configs(latex_build, out_dir=tmp_path / "bad", **{option: value})
+    assert not (tmp_path / "bad").exists()
+    local = tmp_path / "models" / "mine"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    monkeypatch.chdir(tmp_path)
+    write_llamafactory_configs(latex_build, out_dir=tmp_path / "rel", model="./models/mine")
+    assert all(load(tmp_path / "rel" / name)["model_name_or_path"] == str(local)
+               for name in ("train_lora.yaml", "predict.yaml", "merge.yaml"))
+
+
 def test_smoke_run_options(latex_build, tmp_path):
     write_llamafactory_configs(latex_build, out_dir=tmp_path, model="/models/tiny", max_steps=3, precision="fp32",
                                num_workers=1, cutoff_len=1024)
@@ -149,6 +175,22 @@ def test_image_tokens_match_qwen2vl_in_llamafactory():
 def test_not_a_build_folder(tmp_path):
     with pytest.raises(LlamaFactoryConfigError, match="mmdata_build.json"):
         write_llamafactory_configs(tmp_path)
+
+
+def test_a_hand_edited_dataset_info_is_one_clear_error(latex_build, tmp_path):
+    """Invalid JSON was a traceback; an entry whose file is gone gave configs that failed in LLaMA-Factory."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(latex_build, copy)
+    info = json.loads((copy / "dataset_info.json").read_text())
+    info["latex_ocr_sample_train"]["file_name"] = "nothere"
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(LlamaFactoryConfigError, match="names file_name 'nothere', which does not exist"):
+        write_llamafactory_configs(copy)
+    (copy / "dataset_info.json").write_text('{"x": {')
+    with pytest.raises(LlamaFactoryConfigError, match="not valid JSON"):
+        write_llamafactory_configs(copy)
 
 
 def test_cli(latex_build, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,22 @@ def test_long_samples_are_dropped_and_counted(build_dir, processor):
     assert stats.kept == 1 and stats.dropped == {"longer than cutoff_len": 1}
 
 
+def test_records_the_model_cannot_take_are_dropped_and_counted_before_training(build_dir, processor):
+    """A literal <|image_pad|> in the text crashed encoding (StopIteration); a cut-off image passed the header
+    read and crashed a DataLoader worker mid-training."""
+    png = (build_dir / "images" / "red.png").read_bytes()
+    (build_dir / "images" / "cut.png").write_bytes(png[: len(png) // 2])
+    pad_token = {"messages": [{"role": "user", "content": "what is <|image_pad|> ?"},
+                              {"role": "assistant", "content": "a token"}], "images": []}
+    cut = {**ONE_TURN, "images": ["images/cut.png"]}
+    _, stats = build_dataset(processor, [([(m["role"], m["content"]) for m in r["messages"]],
+                                          [str(build_dir / p) for p in r["images"]]) for r in (ONE_TURN, pad_token, cut)],
+                             min_pixels=3136, max_pixels=20000, cutoff_len=512)
+    assert stats.kept == 1 and sum(stats.dropped.values()) == 2
+    assert any("holds the image token <|image_pad|> itself" in reason for reason in stats.dropped)
+    assert any("truncated" in reason or "readable" in reason for reason in stats.dropped), stats.dropped
+
+
 def test_labelled_position_losses_match_the_models_own_loss_and_gradient(build_dir, processor, tiny_model):
     """The chunked projection (padded and packed rows) and the logits fallback give the model's loss and gradient."""
     from transformers import Qwen2VLForConditionalGeneration
@@ -253,6 +270,12 @@ def test_config_errors_name_the_option(tmp_path):
     (tmp_path / "t.yaml").write_text("model: m\ndataset: d\nlora_rank: 8\n")
     with pytest.raises(TrainError, match="lora_rank"):
         load_train_config(tmp_path / "t.yaml")
+    # each used to pass here: max_steps 0 trained one step, a bad scheduler failed after the model had loaded
+    for steps in (0, -5):
+        with pytest.raises(TrainError, match=f"max_steps: .*{steps} steps: give a number of optimizer steps >= 1"):
+            load_train_config(None, model="m", dataset="d", max_steps=steps)
+    with pytest.raises(TrainError, match="lr_scheduler_type: .*'bogus' is not a scheduler transformers knows"):
+        load_train_config(None, model="m", dataset="d", lr_scheduler_type="bogus")
 
 
 def test_qlora_without_cuda_is_a_clear_error(tiny_model):
@@ -325,6 +348,18 @@ def test_train_resume_predict_export(tiny_model, build_dir, tmp_path):
     state = _train_cli(tiny_model, build_dir, out, 24)
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert state["global_step"] == 24 and steps[-4:] == [21, 22, 23, 24]
+
+    # a kill during a save leaves a checkpoint without trainer_state.json (resuming from it crashed): skipped
+    cut = out / "checkpoint-30"
+    cut.mkdir()
+    (cut / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.warns(UserWarning, match="checkpoint-30 is incomplete .* resuming from checkpoint-24"):
+        state = _train_cli(tiny_model, build_dir, out, 25)
+    assert state["global_step"] == 25
+    shutil.rmtree(cut)
+    # another LoRA shape in the same folder is another run: refused (it crashed loading the state dict)
+    with pytest.raises(TrainError, match=r"checkpoint-2[45] is the checkpoint of another run \(lora_r 16 -> 8\)"):
+        _train_cli(tiny_model, build_dir, out, 26, "--lora-r", "8")
 
     # predict with base + adapter: LLaMA-Factory's file and the metrics
     from mmdata.train.predict import predict

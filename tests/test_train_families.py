@@ -339,6 +339,14 @@ def test_train_predict_export(family, tiny_models, processors, latex_build, tmp_
         processors[family].apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert type(AutoModelForImageTextToText.from_pretrained(merged)).__name__ == CLASSES[family]
 
+    # the adapter with another family's model: refused (export merged it with exit code 0; predict crashed)
+    other = tiny_models[next(f for f in FAMILY_NAMES if f != family)]
+    with pytest.raises(TrainError, match=f"is a {family} adapter, and --model .* is "):
+        export(str(other), str(out), str(tmp_path / "crossed"))
+    with pytest.raises(TrainError, match=f"is a {family} adapter"):
+        predict(str(other), str(latex_build), str(tmp_path / "pred_crossed"), adapter=str(out), max_new_tokens=8)
+    assert not (tmp_path / "crossed").exists()
+
     info, names = resolve_split(latex_build, "val")
     net, proc = load_for_inference(str(merged))
     items = build_prompts(read_conversations(info, names), proc)

@@ -27,11 +27,12 @@ from typing import Any
 
 import yaml
 
-from .errors import MmdataError
+from .errors import DatasetInfoError, MmdataError
 from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
 from .profiles import DEFAULT_PROFILE, ModelProfile, get_profile, resolve_model
 from .tokens import IMAGE_MAX_PIXELS, estimate_text_tokens, record_tokens
+from .writers.llamafactory import read_dataset_info
 
 ARGS_FILE = "llamafactory_args.json"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -103,11 +104,18 @@ def read_build(build_dir: str | Path) -> BuildDatasets:
     info_path = manifest_dataset_info(root, manifest)
     if not info_path.is_file():
         raise LlamaFactoryConfigError(f"{info_path}: missing; rebuild, or restore the dataset_info.json of the build")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    try:
+        info = read_dataset_info(info_path)
+    except DatasetInfoError as e:
+        raise LlamaFactoryConfigError(str(e)) from None
     splits: dict[str, list[str]] = {}
     for name, meta in manifest["datasets"].items():
         if name not in info:
             raise LlamaFactoryConfigError(f"{info_path}: entry {name!r} of this build is missing; rebuild to register it")
+        file_name = info[name].get("file_name") if isinstance(info[name], dict) else None
+        if not isinstance(file_name, str) or not (info_path.parent / file_name).exists():
+            raise LlamaFactoryConfigError(f"{info_path}: entry {name!r} names file_name {file_name!r}, which does not "
+                                          f"exist in {info_path.parent}; rebuild, or restore the entry")
         splits.setdefault(meta.get("split") or "train", []).append(name)
     if not splits.get("train"):
         raise LlamaFactoryConfigError(f"{manifest_path}: no train split to train on (splits: {', '.join(splits)})")
@@ -187,6 +195,21 @@ class ConfigOptions:
     max_new_tokens: int | None = None  # default: from the longest answer
     extra: dict[str, Any] | None = None  # more train keys (checked like the rest)
 
+    def __post_init__(self) -> None:
+        """Values LLaMA-Factory would take and then fail on, or silently misread (``--max-steps 0`` was dropped,
+        ``--cutoff-len -5`` written as is), are refused here with the flag named."""
+        at_least_one = {"cutoff_len": self.cutoff_len, "lora_rank": self.lora_rank, "batch_size": self.batch_size,
+                        "grad_accum": self.grad_accum, "max_steps": self.max_steps, "num_workers": self.num_workers,
+                        "max_new_tokens": self.max_new_tokens}
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise LlamaFactoryConfigError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
+        for name, value in {"learning_rate": self.learning_rate, "epochs": self.epochs}.items():
+            if not value > 0:
+                raise LlamaFactoryConfigError(f"--{name.replace('_', '-')} {value}: must be above 0")
+        if self.val_size is not None and not 0 < self.val_size < 1:
+            raise LlamaFactoryConfigError(f"--val-size {self.val_size}: a share of the train set, above 0 and below 1")
+
 
 def train_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, image_max_pixels: int,
                  deepspeed_path: Path | None) -> list[tuple[str, dict[str, Any]]]:
@@ -224,7 +247,12 @@ def train_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, ima
         held_out = {"eval_dataset": ",".join(val)} if val else {"val_size": opts.val_size}
         sections.append(("eval", {**held_out, "per_device_eval_batch_size": opts.batch_size,
                                   "eval_strategy": "steps", "eval_steps": 500}))
-    return apply_extra(sections, opts.extra or {})
+    sections = apply_extra(sections, opts.extra or {})
+    keys = flatten(sections)
+    if keys.get("eval_dataset") and keys.get("val_size"):
+        raise LlamaFactoryConfigError(f"--set val_size: the build already holds a val split ({keys['eval_dataset']}), "
+                                      "and LLaMA-Factory refuses both; drop it")
+    return sections
 
 
 def apply_extra(sections: list[tuple[str, dict[str, Any]]], extra: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -238,6 +266,21 @@ def apply_extra(sections: list[tuple[str, dict[str, Any]]], extra: dict[str, Any
         else:
             added[key] = value
     return sections + [("extra", added)] if added else sections
+
+
+# keys that predict.yaml and merge.yaml must share with train_lora.yaml: a --set of one changes all three files
+SHARED_KEYS = ("model_name_or_path", "template", "cutoff_len", "image_max_pixels", "image_min_pixels",
+               "trust_remote_code", "dataset_dir")
+
+
+def _shared(sections: list[tuple[str, dict[str, Any]]], extra: dict[str, Any] | None) -> list[tuple[str, dict]]:
+    """``--set`` values of :data:`SHARED_KEYS` in the predict and merge sections that hold those keys (a
+    ``--set template=...`` that changed training alone would predict and merge with another template)."""
+    for _, values in sections:
+        for key in SHARED_KEYS:
+            if key in values and key in (extra or {}):
+                values[key] = extra[key]
+    return sections
 
 
 def predict_config(build: BuildDatasets, opts: ConfigOptions, cutoff_len: int, image_max_pixels: int,
@@ -331,6 +374,14 @@ def write_llamafactory_configs(
     root = Path(build_dir).resolve()
     out = Path(out_dir).resolve() if out_dir else root
     model_path, profile = resolve_model(model, options.pop("profile", None))
+    if Path(model_path).expanduser().is_dir() or model_path.startswith((".", "~")):
+        # absolute, as every path in the YAMLs, so they run from any folder (a folder that does not exist here may
+        # on the training machine: kept, with resolve_model's warning)
+        model_path = str(Path(model_path).expanduser().resolve())
+    extra = options.get("extra") or {}
+    if "output_dir" in extra:
+        raise LlamaFactoryConfigError("--set output_dir: use --output-dir, which predict.yaml and merge.yaml take the "
+                                      "adapter from too")
     opts = ConfigOptions(model=model_path, profile=profile, deepspeed=deepspeed, **options)
     opts.output_dir = str(Path(opts.output_dir).resolve()) if opts.output_dir else str(root / "saves" / "lora_sft")
     if opts.precision not in ("bf16", "fp16", "fp32"):
@@ -351,11 +402,12 @@ def write_llamafactory_configs(
                             f"LoRA SFT of {profile.family} on this build (template {profile.lf_template}).\n"
                             + ("Multi-GPU with DeepSpeed: FORCE_TORCHRUN=1 llamafactory-cli train train_lora.yaml"
                                if ds_path else "Run: llamafactory-cli train train_lora.yaml")),
-        "predict.yaml": ("train", predict_config(build, opts, cutoff_len, image_max_pixels, max_new_tokens),
+        "predict.yaml": ("train", _shared(predict_config(build, opts, cutoff_len, image_max_pixels, max_new_tokens),
+                                          opts.extra),
                          "Predictions of the trained adapter (generated_predictions.jsonl in output_dir).\n"
                          + ("" if build.names("test") or build.names("val") else PREDICTS_ON_TRAIN + "\n")
                          + "Run: llamafactory-cli train predict.yaml"),
-        "merge.yaml": ("export", merge_config(opts),
+        "merge.yaml": ("export", _shared(merge_config(opts), opts.extra),
                        "Merge the LoRA adapter into the base model (do not merge into a quantized model).\n"
                        "Run: llamafactory-cli export merge.yaml"),
     }
@@ -384,7 +436,7 @@ def _parse_extra(values: list[str] | None) -> dict[str, Any]:
     extra = {}
     for item in values or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or not value.strip():
             raise LlamaFactoryConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set save_steps=200")
         extra[key.strip()] = yaml.safe_load(value)
     return extra

@@ -26,7 +26,19 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},
     "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile each layer's attention/MLP/norms (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
     "--compile-scope": {"choices": ["parts", "layers"], "help": "parts: attention/MLP/norms each; layers: each decoder layer whole"},
+    "--lr-scheduler-type": {}, "--warmup-ratio": {"type": float}, "--weight-decay": {"type": float},
+    "--max-grad-norm": {"type": float}, "--per-device-eval-batch-size": {"type": int},
+    "--save-total-limit": {"type": int}, "--model-hub": {"choices": ["huggingface", "modelscope"]},
+    "--train-datasets": {"help": "comma-separated entry names (default: the build's train split)"},
+    "--val-datasets": {"help": "comma-separated entry names (default: the build's val split)"},
 }
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
 
 
 def add_train_commands(subparsers) -> None:
@@ -43,8 +55,10 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--use-dora", action="store_true", default=None)
     p.add_argument("--lora-vision", action="store_true", default=None)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
+    p.add_argument("--lora-merger", action="store_true", default=None)
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over even if output-dir has checkpoints")
+    p.add_argument("--resume-from", dest="resume", default=None, help="continue from this checkpoint folder")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="generate on a split and score it (needs mmdata[train])")
@@ -54,11 +68,11 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--datasets", help="comma-separated entry names instead of --split")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--min-pixels", type=int)
-    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
+    p.add_argument("--max-samples", type=_positive)
+    p.add_argument("--min-pixels", type=_positive)
+    p.add_argument("--max-pixels", type=_positive)
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("export", help="merge a LoRA adapter into the base model (needs mmdata[train])")
@@ -90,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config
     from .trainer import train
 
-    fields = ["model", "dataset", "output_dir", "use_dora", "lora_vision", "gradient_checkpointing", "resume", "packing"]
+    fields = ["model", "dataset", "output_dir", "use_dora", "lora_vision", "lora_merger", "gradient_checkpointing",
+              "resume", "packing"]
     fields += [flag[2:].replace("-", "_") for flag in _TRAIN_FLAGS]
     config = load_train_config(args.config, **{f: getattr(args, f) for f in fields})
     record = train(config)

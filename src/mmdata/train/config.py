@@ -108,7 +108,25 @@ class TrainConfig(BaseModel):
                                                  "false: start over; a path: that checkpoint")
     report_to: Literal["none", "tensorboard", "swanlab"] = "none"
 
-    @field_validator("target_modules", mode="before")
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"{value} steps: give a number of optimizer steps >= 1, or -1 to train "
+                             "num_train_epochs epochs")
+        return value
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if value not in names:
+            raise ValueError(f"{value!r} is not a scheduler transformers knows: {', '.join(names)}")
+        return value
+
+    @field_validator("target_modules", "train_datasets", "val_datasets", mode="before")
     @classmethod
     def _split_targets(cls, value):
         if isinstance(value, str):

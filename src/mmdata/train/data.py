@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import MmdataError
+from ..errors import MmdataError, SampleError
+from ..images import image_info
 from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
 from ..tokens import smart_resize
@@ -219,11 +220,19 @@ class SampleEncoder:
         self.min_pixels, self.max_pixels, self.cutoff_len = min_pixels, max_pixels, cutoff_len
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if (self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id
+                or not self.tokenizer("hello", add_special_tokens=False)["input_ids"]):
+            raise TrainError(f"the model's tokenizer cannot encode text or does not know {self.image_token}: its "
+                             "tokenizer files (tokenizer.json, vocab.json, merges.txt) are missing or not this model's")
 
     def target_size(self, path: str) -> tuple[int, int]:
-        with Image.open(path) as im:  # reads the header only
-            width, height = im.size
-        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        """The size the image is trained at. The build's header check (PIL's parse plus the end marker, not a
+        decode) runs here: a cut-off file would otherwise fail in a DataLoader worker mid-training."""
+        try:
+            info = image_info(Path(path))
+        except SampleError as e:
+            raise ValueError(f"{e}: {path}") from None
+        return smart_resize(info.height, info.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
 
     def encode_all(self, conversations: list[tuple[list, list[str]]]) -> tuple[list[EncodedSample], EncodeStats]:
         stats = EncodeStats()
@@ -238,6 +247,8 @@ class SampleEncoder:
                 if not any(m["role"] == "assistant" for m in messages):
                     raise ValueError("no assistant turn")
                 segments = render_segments(self.tokenizer, messages, self.chat_template)
+                if sum(text.count(self.image_token) for text, _ in segments) != len(images):
+                    raise ValueError(f"the text holds the image token {self.image_token} itself")
                 sizes = [self.target_size(p) for p in images]
             except (ValueError, OSError) as e:
                 stats.dropped[f"unreadable: {str(e).split(':')[0][:60]}"] += 1

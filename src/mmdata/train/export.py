@@ -14,19 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TrainError
-from .model import load_model, load_processor, read_family, resolve_model_path
+from .model import load_adapter, load_model, load_processor, read_family, resolve_model_path
 
 
 def export(model: str, adapter: str, output_dir: str, *, model_hub: str = "huggingface") -> Path:
     """Write ``base + adapter`` merged into ``output_dir`` (weights in the base checkpoint's dtype)."""
-    from peft import PeftModel
-
     if not Path(adapter, "adapter_config.json").exists():
         raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
     model_path = resolve_model_path(model, model_hub)
     family = read_family(model_path)
     base = load_model(model_path, dtype="auto")
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged = load_adapter(base, adapter, model_path).merge_and_unload()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)

@@ -88,10 +88,11 @@ def load_processor(path: str, *, fallback: str | None = None):
 
     try:
         processor = AutoProcessor.from_pretrained(path)
-    except OSError:
+    except OSError as e:
         if fallback is None:
-            raise
-        processor = AutoProcessor.from_pretrained(fallback)
+            raise TrainError(f"{path}: cannot load the model's processor ({_first_line(e)}); the folder needs the "
+                             "model's preprocessor_config.json and tokenizer files as the hub ships them") from None
+        return load_processor(fallback)
     if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None):
         processor.chat_template = processor.tokenizer.chat_template
     return processor
@@ -113,11 +114,64 @@ def read_family(path: str) -> Family:
     """The :class:`Family` of the checkpoint at ``path`` (from its ``config.json``)."""
     from transformers import AutoConfig
 
+    if not Path(path).is_dir() and (path.startswith((".", "/", "~")) or os.sep + os.sep in path):
+        raise TrainError(f"{path}: no such model folder")
     try:
         model_type = AutoConfig.from_pretrained(path).model_type
-    except (ValueError, KeyError) as e:  # a model_type this transformers version does not know
+    except OSError as e:  # no config.json, or a hub id this machine cannot fetch
+        raise TrainError(f"{path}: not a model ({_first_line(e)}); pass a model folder (config.json, weights, "
+                         "processor files) or a hub id this machine can download") from None
+    except (ValueError, KeyError) as e:  # a model_type this transformers version does not know, a malformed id
+        if not Path(path).is_dir():
+            raise TrainError(f"{path}: neither a model folder nor a hub id ({_first_line(e)})") from None
         raise TrainError(f"{path}: cannot read its config.json with this transformers version ({e})") from None
     return family_of(model_type, path)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def load_adapter(base, adapter: str, model_path: str):
+    """``PeftModel`` of ``base`` + the adapter folder, refused with a :class:`TrainError` when the adapter is not
+    one of this base: another model family (merging a Qwen3-VL adapter into Qwen2-VL wrote a model of neither, with
+    exit code 0) or other layer shapes."""
+    import json
+
+    from peft import PeftModel
+
+    if not Path(adapter, "adapter_config.json").exists():
+        raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
+    family = family_of_model(base)
+    trained_on = _adapter_family(Path(adapter))
+    if trained_on is not None and trained_on != family.model_type:
+        raise TrainError(f"{adapter} is a {trained_on} adapter, and --model {model_path} is {family.model_type}: "
+                         "pass the model it was trained on")
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:
+        saved = json.loads(Path(adapter, "adapter_config.json").read_text(encoding="utf-8"))
+        raise TrainError(f"{adapter} does not fit --model {model_path} (trained on "
+                         f"{saved.get('base_model_name_or_path')}): {str(e).splitlines()[0][:300]}") from None
+
+
+def _adapter_family(adapter: Path) -> str | None:
+    """The model type an adapter was trained on: its run record (in the folder, or the run's folder above a
+    ``checkpoint-N``), else the family of the base folder its config names, if that still exists."""
+    import json
+
+    for record in (adapter / "mmdata_train.json", adapter.parent / "mmdata_train.json"):
+        if record.is_file():
+            model_type = json.loads(record.read_text(encoding="utf-8")).get("model_type")
+            if model_type:
+                return model_type
+    base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if base and Path(base).is_dir():
+        try:
+            return read_family(base).model_type
+        except TrainError:
+            return None
+    return None
 
 
 def family_of_model(model) -> Family:

@@ -20,7 +20,7 @@ from PIL import Image
 from .config import TrainError
 from .data import pixel_bounds, read_conversations, resolve_split, smart_resize, to_messages
 from .metrics import compute_metrics
-from .model import load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
+from .model import load_adapter, load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -41,11 +41,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, precision: str
     processor = load_processor(adapter, fallback=model_path) if adapter else load_processor(model_path)
     net = load_model(model_path, dtype=pick_dtype(precision), attn=pick_attention(attn_implementation, training=False))
     if adapter:
-        from peft import PeftModel
-
-        if not Path(adapter, "adapter_config.json").exists():
-            raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
-        net = PeftModel.from_pretrained(net, adapter)
+        net = load_adapter(net, adapter, model_path)
     if torch.cuda.is_available():
         net = net.to("cuda")
     return net.eval(), processor

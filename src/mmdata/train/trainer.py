@@ -165,16 +165,54 @@ def _forward_autocast(config: TrainConfig, dtype: torch.dtype, adapter_dtype: to
     return None
 
 
-def _resume_point(config: TrainConfig) -> str | None:
+def _resume_point(config: TrainConfig, model_path: str, family) -> str | None:
+    """The checkpoint to continue from: ``resume`` as a path, else the newest complete ``checkpoint-N`` of
+    ``output_dir``, checked to belong to this run (:func:`_refuse_another_runs_checkpoint`).
+
+    A checkpoint is complete once ``trainer_state.json`` is written, the last file HF ``Trainer`` saves; a kill
+    during a save leaves one without it, which resuming from would crash on: it is skipped, with a warning.
+    """
     if config.resume is False or config.resume in ("false", "no"):
         return None
     if isinstance(config.resume, str) and config.resume not in ("true", "yes", "auto"):
-        if not Path(config.resume).is_dir():
-            raise TrainError(f"resume: {config.resume} is not a checkpoint folder")
-        return config.resume
-    from transformers.trainer_utils import get_last_checkpoint
+        chosen = Path(config.resume)
+        if not (chosen / "trainer_state.json").is_file():
+            raise TrainError(f"resume: {chosen} is not a complete checkpoint folder (no trainer_state.json)")
+    else:
+        found = sorted((p for p in Path(config.output_dir).glob("checkpoint-*")
+                        if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()),
+                       key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True)
+        complete = [p for p in found if (p / "trainer_state.json").is_file()]
+        if not complete:
+            return None
+        chosen = complete[0]
+        skipped = [p.name for p in found if p not in complete and int(p.name[11:]) > int(chosen.name[11:])]
+        if skipped:
+            warnings.warn(f"{config.output_dir}: {', '.join(skipped)} is incomplete (a save was cut short: no "
+                          f"trainer_state.json); resuming from {chosen.name}", stacklevel=2)
+    _refuse_another_runs_checkpoint(chosen, config, model_path, family)
+    return str(chosen)
 
-    return get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+
+def _refuse_another_runs_checkpoint(checkpoint: Path, config: TrainConfig, model_path: str, family) -> None:
+    """Resuming continues a run; a checkpoint of another LoRA shape or another model family is not this run's (it
+    failed to load, or silently went on training a Qwen2-VL adapter on Qwen3-VL)."""
+    adapter = checkpoint / "adapter_config.json"
+    if not adapter.is_file():
+        return
+    saved = json.loads(adapter.read_text(encoding="utf-8"))
+    changed = [f"{key} {saved.get(peft_key)} -> {value}" for key, peft_key, value in
+               (("lora_r", "r", config.lora_r), ("lora_alpha", "lora_alpha", config.lora_alpha))
+               if saved.get(peft_key) != value]
+    base = saved.get("base_model_name_or_path")
+    if base and Path(base).is_dir() and Path(base).resolve() != Path(model_path).resolve():
+        other = read_family(base)
+        if other.model_type != family.model_type:
+            changed.append(f"model {base} ({other.model_type}) -> {model_path} ({family.model_type})")
+    if changed:
+        raise TrainError(f"{checkpoint} is the checkpoint of another run ({'; '.join(changed)}): resuming would "
+                         "continue that run. Pass --no-resume to start over in this folder, or choose another "
+                         "--output-dir")
 
 
 def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=None) -> dict:
@@ -188,6 +226,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     set_seed(config.seed)
     model_path = resolve_model_path(config.model, config.model_hub)
     family = read_family(model_path)  # an unsupported model fails here, before any data is encoded
+    resume_from = _resume_point(config, model_path, family)  # another run's checkpoint too
     processor = load_processor(model_path)
     data_kwargs = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels, cutoff_len=config.cutoff_len)
 
@@ -224,7 +263,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     trainer = (trainer_class or _trainer_class())(
         callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
-    result = trainer.train(resume_from_checkpoint=_resume_point(config))
+    result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
     trainer.save_state()
     record = {
