@@ -189,6 +189,22 @@ def test_records_the_model_cannot_take_are_dropped_and_counted_before_training(b
     assert any("truncated" in reason or "readable" in reason for reason in stats.dropped), stats.dropped
 
 
+def test_a_hand_edited_dataset_info_names_the_missing_file_or_column(build_dir):
+    """A renamed messages column dropped every record as "0 <image> placeholders but 1 images"; a missing file was
+    "LLaMA-Factory cannot load this file type"."""
+    info_path = build_dir / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["toy_train"]["columns"]["messages"] = "conversations"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(TrainError, match="a record has no 'conversations', the column entry 'toy_train' maps"):
+        read_conversations(info_path, ["toy_train"])
+    info["toy_train"]["columns"]["messages"] = "messages"
+    info["toy_train"]["file_name"] = "nothere.json"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(TrainError, match="entry 'toy_train' names 'nothere.json', which does not exist"):
+        read_conversations(info_path, ["toy_train"])
+
+
 def test_labelled_position_losses_match_the_models_own_loss_and_gradient(build_dir, processor, tiny_model):
     """The chunked projection (padded and packed rows) and the logits fallback give the model's loss and gradient."""
     from transformers import Qwen2VLForConditionalGeneration

@@ -99,8 +99,16 @@ def read_conversations(info_path: Path, names: list[str]) -> list[tuple[list, li
         attr = parse_entry(name, info[name])
         if attr.load_from != "file":
             raise TrainError(f"entry {name!r} is not a local file ({attr.load_from}); build it with mmdata first")
+        messages = attr.column("messages") if attr.formatting in ("sharegpt", "openai") else None
         for file in data_files(info_path.parent, attr):
+            if not file.exists():
+                raise TrainError(f"{info_path}: entry {name!r} names {attr.dataset_name!r}, which does not exist in "
+                                 f"{info_path.parent}")
             for record in iter_file_records(file):
+                if messages and isinstance(record, dict) and messages not in record:
+                    raise TrainError(f"{file}: a record has no {messages!r}, the column entry {name!r} maps messages "
+                                     f"to (its keys: {', '.join(map(repr, record))}); fix columns.messages in "
+                                     f"{info_path}")
                 turns, images, _videos = to_turns(record, attr)
                 out.append((turns, [str(info_path.parent / p) if not Path(p).is_absolute() else p for p in images]))
     return out

@@ -236,7 +236,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     train_set, train_stats = build_dataset(processor, read_conversations(info_path, train_names),
                                            max_samples=config.max_samples, **data_kwargs)
     if len(train_set) == 0:
-        raise TrainError(f"no usable training sample in {', '.join(train_names)}: dropped {train_stats.dropped}")
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in train_stats.dropped.most_common())
+        raise TrainError(f"no usable training sample in {', '.join(train_names)} (dropped: {dropped})")
     _, val_names = resolve_split(config.dataset, "val", config.val_datasets)
     val_set, val_stats = (build_dataset(processor, read_conversations(info_path, val_names), **data_kwargs)
                           if val_names else (None, None))
