@@ -193,6 +193,19 @@ def test_a_hand_edited_dataset_info_is_one_clear_error(latex_build, tmp_path):
         write_llamafactory_configs(copy)
 
 
+def test_a_local_model_folder_with_a_tokenizer_sets_cutoff_len_from_exact_counts(latex_build, tmp_path, capsys):
+    """The estimate wrote cutoff_len 128 for records the tiny model's tokenizer counts to 190: truncated."""
+    pytest.importorskip("torch")
+    from mmdata.train.tiny import make_tiny_qwen2vl
+
+    model = make_tiny_qwen2vl(tmp_path / "tiny")
+    write_llamafactory_configs(latex_build, out_dir=tmp_path / "c", model=str(model))
+    cutoff = load(tmp_path / "c" / "train_lora.yaml")["cutoff_len"]
+    assert main(["validate", str(latex_build), "--model", str(model), "--cutoff-len", str(cutoff)]) == 0
+    report = capsys.readouterr().out
+    assert "counted with the tokenizer" in report and report.count(f"(0.0%) over cutoff_len {cutoff}") == 2
+
+
 def test_cli(latex_build, tmp_path, capsys):
     rc = main(["llamafactory", str(latex_build), "--out-dir", str(tmp_path), "--deepspeed", "3", "--max-steps", "5",
                "--set", "save_steps=2"])

@@ -31,7 +31,7 @@ from .errors import DatasetInfoError, MmdataError
 from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
 from .profiles import DEFAULT_PROFILE, ModelProfile, get_profile, resolve_model
-from .tokens import IMAGE_MAX_PIXELS, estimate_text_tokens, record_tokens
+from .tokens import IMAGE_MAX_PIXELS, record_tokens
 from .writers.llamafactory import read_dataset_info
 
 ARGS_FILE = "llamafactory_args.json"
@@ -136,20 +136,24 @@ class BuildTokens:
 
 
 def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
-                   profile: ModelProfile | None = None) -> BuildTokens:
+                   profile: ModelProfile | None = None, model: str | None = None) -> BuildTokens:
     """The token lengths of every dataset of a build for ``profile``'s template and image rule: from the manifest's
-    ``tokens`` when the build counted for the same model and image budget, else by reading the data."""
+    ``tokens`` when the build counted for the same model and image budget (and exactly, when ``model`` is a local
+    folder with a tokenizer), else by reading the data: counted with that tokenizer when there is one (the estimate
+    can fall short of a small or unusual tokenizer's counts), else estimated."""
+    from .tokens import TokenCounter, has_tokenizer, token_counter
+
     profile = profile or get_profile()
+    exact = model is not None and has_tokenizer(model)
     stats = build.manifest.get("tokens")
     if isinstance(stats, dict) and stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels \
-            and stats.get("model", DEFAULT_PROFILE) == profile.name:
+            and stats.get("model", DEFAULT_PROFILE) == profile.name and (stats.get("exact") or not exact):
         return BuildTokens(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
                            int(stats.get("records", 0)), "manifest")
     from PIL import Image
 
-    from .tokens import TokenCounter
-
-    counter = TokenCounter(image_max_pixels=image_max_pixels, profile=profile)
+    counter = (token_counter(model=model, image_max_pixels=image_max_pixels) if exact
+               else TokenCounter(image_max_pixels=image_max_pixels, profile=profile))
     longest = longest_answer = records = 0
     sizes: dict[str, tuple[int, int]] = {}
     for names in build.splits.values():
@@ -163,8 +167,8 @@ def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PI
                             sizes[image] = im.size
                 turns = [(role, c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)) for role, c in turns]
                 longest = max(longest, record_tokens(turns, [sizes[i] for i in images if isinstance(i, str)], counter))
-                longest_answer = max([longest_answer, *(estimate_text_tokens(c) for r, c in turns if r == "assistant")])
-    return BuildTokens(longest, longest_answer, records, "measured")
+                longest_answer = max([longest_answer, *(counter.text(c) for r, c in turns if r == "assistant")])
+    return BuildTokens(longest, longest_answer, records, "counted with the model's tokenizer" if exact else "measured")
 
 
 def round_up(n: int, step: int = CUTOFF_STEP) -> int:
@@ -390,7 +394,7 @@ def write_llamafactory_configs(
 
     budget = None
     if opts.cutoff_len is None or opts.max_new_tokens is None:
-        budget = measure_tokens(build, image_max_pixels, profile)
+        budget = measure_tokens(build, image_max_pixels, profile, model_path)
     cutoff_len = opts.cutoff_len or round_up(budget.max_tokens)
     max_new_tokens = opts.max_new_tokens or round_up(2 * budget.max_answer_tokens, 64)
 

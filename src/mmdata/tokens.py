@@ -136,7 +136,7 @@ def token_counter(tokenizer: object = None, image_max_pixels: int | None = None,
     a profile name (``qwen3_vl``) or a local model folder, whose own settings win and whose tokenizer, if it has one,
     counts the text exactly."""
     profile = load_profile(model)
-    if tokenizer is None and model is not None and _has_tokenizer(model):
+    if tokenizer is None and model is not None and has_tokenizer(model):
         tokenizer = model
     images = {"image_max_pixels": image_max_pixels or profile.lf.image_max_pixels,
               "image_min_pixels": image_min_pixels or profile.lf.image_min_pixels, "profile": profile}
@@ -159,7 +159,7 @@ def token_counter(tokenizer: object = None, image_max_pixels: int | None = None,
                         f"counted with the tokenizer {name} for {profile.name}", **images)
 
 
-def _has_tokenizer(model: str | os.PathLike) -> bool:
+def has_tokenizer(model: str | os.PathLike) -> bool:
     folder = os.path.expanduser(str(model))
     return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f))
                                          for f in ("tokenizer.json", "tokenizer_config.json"))
