@@ -216,6 +216,47 @@ def test_placeholder_in_the_answer_is_flagged_as_probably_literal(tmp_path):
     assert only(report, "placeholder-in-answer").severity == "warning"
 
 
+def test_a_placeholder_in_the_system_prompt_is_an_error(tmp_path):
+    """LLaMA-Factory takes the system prompt out, counts 0 placeholders for 1 image and fails; it passed here."""
+    entry = {**MLLM_ENTRY, "tags": {**MLLM_ENTRY["tags"], "system_tag": "system"}}
+    rec = record("x")
+    rec["messages"].insert(0, {"role": "system", "content": "<image>look"})
+    report = validate(make_dataset(tmp_path, [rec], entry))
+    assert not report.ok and any("placeholder in the system prompt" in p.message for p in report.problems)
+
+
+@pytest.mark.parametrize("content", ["", "[]"], ids=["empty file", "empty array"])
+def test_an_entry_with_no_record_is_an_error(tmp_path, content):
+    """LLaMA-Factory fails on both (DatasetGenerationError / 'corresponds to no data'); both passed as OK."""
+    info = make_dataset(tmp_path)
+    (tmp_path / "mllm.json").write_text(content)
+    report = validate(info)
+    assert codes(report) == ["empty"] and not report.ok
+
+
+def test_a_bom_is_skipped_in_json_lines_and_named_before_a_json_array(tmp_path):
+    """pyarrow (LLaMA-Factory's reader) skips a BOM in JSON Lines, which validate called invalid JSON; before an array
+    LLaMA-Factory fails, and the error now says why."""
+    info = make_dataset(tmp_path, entry={**MLLM_ENTRY, "file_name": "mllm.jsonl"})
+    data = tmp_path / "mllm.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+    assert validate(info).ok
+    array = make_dataset(tmp_path / "array")
+    (tmp_path / "array" / "mllm.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "array" / "mllm.json").read_bytes())
+    assert any("byte-order mark" in p.message for p in validate(array).problems)
+
+
+def test_bad_counts_on_the_command_line_are_refused(tmp_path, capsys):
+    """--max-records -1 checked nothing and passed; --record-tokens into a missing folder was a traceback."""
+    info = make_dataset(tmp_path)
+    for flag, value in (("--max-records", "-1"), ("--cutoff-len", "0"), ("--image-max-pixels", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["validate", str(info), flag, value])
+        assert exit_info.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
+    assert main(["validate", str(info), "--record-tokens", str(tmp_path / "no" / "such" / "t.jsonl")]) != 0
+    assert "cannot write it" in capsys.readouterr().err
+
+
 def test_missing_image(tmp_path):
     report = validate(make_dataset(tmp_path, [record(), record(images=["images/nope.jpg"])]))
     problem = only(report, "image-missing")

@@ -354,7 +354,7 @@ def test_a_placeholder_in_an_answer_is_named_as_such(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"image": "a.jpg", "conversations": human_gpt(
         "<image>What is it?", "In the answer <image> a placeholder")}]))
     (reject,) = rejects(build(tmp_path, {"type": "json", "path": "d.json"}))
-    assert "2 <image> placeholder(s) but 1 image(s) (1 of them in assistant or system text" in reject["message"]
+    assert "2 <image> placeholder(s) but 1 image(s) (1 of them in assistant text" in reject["message"]
 
 
 def test_backslash_paths_in_json_too(tmp_path):

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from ._version import __version__
+from .cliargs import positive_int
 from .errors import BuildError, BuildWarning, MmdataError
 
 
@@ -115,7 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a recipe into LLaMA-Factory data")
     p.add_argument("recipe", help="built-in recipe name or path to a recipe YAML")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: recipe or all cores)")
+    p.add_argument("--num-proc", type=positive_int, default=None, help="worker processes (default: recipe or all cores)")
     p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="build only part I of N")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--strict", action="store_true", help="fail the build if any record is rejected")

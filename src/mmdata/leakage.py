@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import lfdata
+from .cliargs import positive_int
 from .dedup import (
     Fingerprints,
     image_key_of_file,
@@ -396,7 +397,7 @@ def add_check_leakage_command(subparsers) -> None:
                                                       "unless the build was made with dedup: near)")
     p.add_argument("--threshold", type=int, default=None,
                    help=f"near: largest pHash distance in bits (default: the build's, else {NEAR_THRESHOLD})")
-    p.add_argument("--examples", type=int, default=EXAMPLES, help=f"examples kept per kind (default {EXAMPLES})")
+    p.add_argument("--examples", type=positive_int, default=EXAMPLES, help=f"examples kept per kind (default {EXAMPLES})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fail-on-leak", action="store_true", help=f"exit {LeakageError.exit_code} when any leak is found")
     p.set_defaults(func=cmd_check_leakage)

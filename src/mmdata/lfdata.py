@@ -186,18 +186,24 @@ def _iter_json(path: Path) -> Iterator[object]:
     """A JSON array element by element (``raw_decode`` over a sliding buffer), or JSON Lines line by line."""
     with open(path, encoding="utf-8") as f:
         head = f.read(_CHUNK)
-        body = head.lstrip()
+        bom = head.startswith("\ufeff")
+        body = head.removeprefix("\ufeff").lstrip()
         if body.startswith("["):
+            if bom:  # pyarrow cannot read an array, and datasets' json.load fallback refuses the BOM
+                raise DatasetInfoError(f"{path}: starts with a UTF-8 byte-order mark (BOM), which LLaMA-Factory's "
+                                       "JSON loader refuses before a JSON array; re-save the file as UTF-8 without BOM")
             yield from _iter_json_array(f, path, body, 1)
             return
         f.seek(0)
+        if bom:
+            f.read(1)  # JSON Lines: pyarrow, LLaMA-Factory's reader, skips a BOM
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
                     yield from _objects_of_line(line)
                 except json.JSONDecodeError as e:
                     raise DatasetInfoError(
-                        f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); a .json/.jsonl file "
+                        f"{path}: line {lineno} is not valid JSON ({e.msg}: column {e.colno}); a .json/.jsonl file "
                         "must be a JSON array of records or JSON Lines (one complete record per line)") from None
 
 

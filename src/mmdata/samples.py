@@ -105,8 +105,8 @@ def conversation_problems(
 
     Rules (what LLaMA-Factory's sharegpt converter and the Qwen2-VL plugin accept): at most one system message and
     only first; then user/assistant alternate starting with user and ending with assistant; user content not empty;
-    assistant content not empty unless the set is for prediction; ``<image>`` count equals the number of images and
-    ``<video>`` count the number of videos.
+    assistant content not empty unless the set is for prediction; ``<image>`` count (outside the system prompt, which
+    LLaMA-Factory takes out first) equals the number of images and ``<video>`` count the number of videos.
     """
     problems: list[str] = []
     if not turns:
@@ -144,11 +144,16 @@ def conversation_problems(
             is_last = i == len(turns) - 1
             if not (allow_empty_answer and is_last):
                 problems.append(f"message {i} (assistant) is empty")
-    text = "".join(c for _, c in turns if isinstance(c, str))
+    # LLaMA-Factory takes the system prompt out of the messages before it counts placeholders against the media
+    system = "".join(c for r, c in turns if isinstance(c, str) and r == "system")
+    if IMAGE_PLACEHOLDER in system or VIDEO_PLACEHOLDER in system:
+        problems.append(f"a {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} placeholder in the system prompt: LLaMA-Factory "
+                        "takes the system prompt out before matching placeholders to media; move it to a user turn")
+    text = "".join(c for r, c in turns if isinstance(c, str) and r != "system")
     n_image_tags = text.count(IMAGE_PLACEHOLDER)
     if n_image_tags != n_images:
-        elsewhere = sum(c.count(IMAGE_PLACEHOLDER) for r, c in turns if isinstance(c, str) and r != "user")
-        where = f" ({elsewhere} of them in assistant or system text, where no image goes)" if elsewhere else ""
+        elsewhere = sum(c.count(IMAGE_PLACEHOLDER) for r, c in turns if isinstance(c, str) and r == "assistant")
+        where = f" ({elsewhere} of them in assistant text, where no image goes)" if elsewhere else ""
         problems.append(
             f"{n_image_tags} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s){where}: "
             "each image needs exactly one placeholder in the text"

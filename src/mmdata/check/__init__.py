@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from .. import lfdata
+from ..cliargs import positive_int
 from ..errors import DatasetInfoError
 from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..samples import utf8_text
@@ -73,7 +74,11 @@ def validate(dataset_info: str | os.PathLike, datasets: list[str] | None = None,
     if cutoff_len is not None or tokenizer is not None or model is not None or record_tokens is not None:
         counter = token_counter(tokenizer, image_max_pixels, image_min_pixels, model)
         image_max_pixels = counter.image_max_pixels
-    with open(record_tokens, "w", encoding="utf-8") if record_tokens else contextlib.nullcontext() as sink:
+    try:
+        sink_file = open(record_tokens, "w", encoding="utf-8") if record_tokens else contextlib.nullcontext()
+    except OSError as e:
+        raise DatasetInfoError(f"--record-tokens {record_tokens}: cannot write it ({e.strerror})") from None
+    with sink_file as sink:
         _validate_entries(info, selected, dataset_dir, media, report, counter, cutoff_len, check_images,
                           decode_images, image_max_pixels, max_records, sink)
     return report
@@ -105,8 +110,13 @@ def _validate_entries(info: dict, selected: set[str], dataset_dir: Path, media: 
                                 image_max_pixels or IMAGE_MAX_PIXELS)
         checker.token_sink = sink
         summary.budget = budget
+        before = report.count("error")
         summary.records = _check_records(checker, files, dataset_dir, max_records)
         checker.finish(summary.records)
+        if not summary.records and report.count("error") == before:
+            report.add(Problem(name, None, "error", f"{attr.dataset_name!r} holds no record: LLaMA-Factory cannot "
+                               "load an empty dataset (DatasetGenerationError, or 'corresponds to no data')",
+                               "put the records in the file, or remove the entry", "empty"))
         if budget is not None and budget.count and cutoff_len is not None:
             report.add(Problem(name, None, "info", budget.format(), "" if not budget.over else
                                f"cutoff_len {budget.suggested_cutoff()} keeps 99% of the records whole", "tokens"))
@@ -193,17 +203,17 @@ def add_validate_command(subparsers) -> None:
     p.add_argument("--dataset", action="extend", nargs="+", metavar="NAME",
                    help="only these entries' data (names as in LLaMA-Factory's dataset:, comma lists allowed)")
     p.add_argument("--media-dir", help="LLaMA-Factory's media_dir (default: the dataset_info.json folder)")
-    p.add_argument("--max-records", type=int, metavar="N", help="check only the first N records of each entry")
-    p.add_argument("--cutoff-len", type=int, metavar="N", help="report records longer than N tokens (cutoff_len)")
+    p.add_argument("--max-records", type=positive_int, metavar="N", help="check only the first N records of each entry")
+    p.add_argument("--cutoff-len", type=positive_int, metavar="N", help="report records longer than N tokens (cutoff_len)")
     p.add_argument("--tokenizer", metavar="PATH", help="a local tokenizer folder for exact text token counts")
     p.add_argument("--model", metavar="NAME|DIR", help="count tokens for this model: a profile (qwen2_vl, qwen2_5_vl, "
                    "qwen3_vl, qwen3_vl_nothink, gemma3, internvl) or a local model folder (its tokenizer counts exactly)")
     p.add_argument("--record-tokens", metavar="FILE", help="write every record's token total as JSON lines")
-    p.add_argument("--image-max-pixels", type=int, metavar="P", help="LLaMA-Factory's image_max_pixels (768*768)")
-    p.add_argument("--image-min-pixels", type=int, metavar="P", help="LLaMA-Factory's image_min_pixels (32*32)")
+    p.add_argument("--image-max-pixels", type=positive_int, metavar="P", help="LLaMA-Factory's image_max_pixels (768*768)")
+    p.add_argument("--image-min-pixels", type=positive_int, metavar="P", help="LLaMA-Factory's image_min_pixels (32*32)")
     p.add_argument("--no-images", action="store_true", help="do not open image files")
     p.add_argument("--decode-images", action="store_true", help="fully decode every image (slow, catches truncation)")
-    p.add_argument("--max-problems", type=int, default=20, metavar="N", help="problems shown per kind and entry")
+    p.add_argument("--max-problems", type=positive_int, default=20, metavar="N", help="problems shown per kind and entry")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_validate)
 

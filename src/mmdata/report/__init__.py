@@ -29,6 +29,7 @@ from typing import Any
 from .. import tokens as qwen_tokens
 from .._version import __version__
 from ..atomic import write_text_atomic
+from ..cliargs import positive_int
 from .build import (
     LF_IMAGE_MAX_PIXELS,
     MAX_PIXEL_CHOICES,
@@ -110,11 +111,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_command(subparsers) -> None:
     p = subparsers.add_parser("report", help="write report/index.html (stats, plots, gallery) for a build folder")
     p.add_argument("build_dir", help="a build's output.dir (the folder holding mmdata_build.json)")
-    p.add_argument("--samples", type=int, default=24, help="records shown in the gallery (default 24)")
+    p.add_argument("--samples", type=positive_int, default=24, help="records shown in the gallery (default 24)")
     p.add_argument("--seed", type=int, default=0, help="seed of the statistics sample and the gallery")
-    p.add_argument("--max-records", type=int, default=SAMPLE_RECORDS,
+    p.add_argument("--max-records", type=positive_int, default=SAMPLE_RECORDS,
                    help=f"records sampled for distributions (default {SAMPLE_RECORDS})")
-    p.add_argument("--image-max-pixels", type=int, default=None,
+    p.add_argument("--image-max-pixels", type=positive_int, default=None,
                    help="budget for image-token numbers (default: the recipe's, else 768*768 like LLaMA-Factory)")
     p.add_argument("--tokenizer", default=None, help="transformers tokenizer name or path for exact text tokens")
     p.add_argument("--model", default=None, metavar="NAME|DIR",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cliargs import positive_int
+
 # flags of `mmdata train` that map 1:1 onto TrainConfig fields (dashes -> underscores); None means "not given"
 _TRAIN_FLAGS: dict[str, dict] = {
     "--max-steps": {"type": int}, "--learning-rate": {"type": float}, "--num-train-epochs": {"type": float},
@@ -32,13 +34,6 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--train-datasets": {"help": "comma-separated entry names (default: the build's train split)"},
     "--val-datasets": {"help": "comma-separated entry names (default: the build's val split)"},
 }
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
-    return value
 
 
 def add_train_commands(subparsers) -> None:
@@ -68,11 +63,11 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--datasets", help="comma-separated entry names instead of --split")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--max-new-tokens", type=_positive, default=256)
-    p.add_argument("--max-samples", type=_positive)
-    p.add_argument("--min-pixels", type=_positive)
-    p.add_argument("--max-pixels", type=_positive)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-samples", type=positive_int)
+    p.add_argument("--min-pixels", type=positive_int)
+    p.add_argument("--max-pixels", type=positive_int)
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("export", help="merge a LoRA adapter into the base model (needs mmdata[train])")
