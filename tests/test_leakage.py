@@ -119,7 +119,9 @@ def test_cli_prints_a_report_and_fails_on_leaks_only_when_asked(row_split, tmp_p
     assert json.loads(capsys.readouterr().out)["leaks"] > 0
     assert main(["check-leakage", str(row_split), "--fail-on-leak"]) == 7
     assert "leaking record(s)" in capsys.readouterr().err
-    assert main(["check-leakage", str(tmp_path)]) == 7  # not a build: one line, no traceback
+    assert main(["check-leakage", str(tmp_path)]) == 8  # not a build: one line, no traceback, not "leaks found"
+    assert main(["check-leakage", str(row_split / "dataset_info.json")]) == 8
+    assert "is a file; pass the build folder" in capsys.readouterr().err
 
 
 def test_report_of_a_dedup_build_shows_duplicate_clusters_side_by_side(source, tmp_path):

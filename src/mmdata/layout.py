@@ -98,6 +98,8 @@ def read_manifest(build_dir: str | os.PathLike, error: type[MmdataError] = Build
     """The manifest of the finished build in ``build_dir`` (the one reader every command uses); ``error`` (the
     caller's exception class) says what is wrong: no manifest, not JSON, or only a ``--shard`` part."""
     root = Path(build_dir).expanduser().resolve()
+    if root.is_file():
+        raise error(f"{root} is a file; pass the build folder (the output.dir that holds {MANIFEST})")
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:

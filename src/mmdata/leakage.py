@@ -49,7 +49,14 @@ _CONTENT_NAME = re.compile(r"(?:^|/)images/[0-9a-f]{2}/([0-9a-f]{32})\.[A-Za-z0-
 
 
 class LeakageError(MmdataError):
-    """``check-leakage --fail-on-leak`` found leaks, or a path is neither a build nor a dataset_info.json."""
+    """A path is neither a build nor a dataset_info.json, or names no dataset with local files: nothing was
+    compared (an exit status of its own, so a CI job never reads a wrong path as "leaks found")."""
+
+    exit_code = 8
+
+
+class LeaksFound(LeakageError):
+    """``check-leakage --fail-on-leak`` found leaks."""
 
     exit_code = 7
 
@@ -382,7 +389,7 @@ def cmd_check_leakage(args: argparse.Namespace) -> int:
                            examples=args.examples)
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_leakage(report))
     if args.fail_on_leak and report["leaks"]:
-        raise LeakageError(f"{report['leaks']} leaking record(s) (--fail-on-leak)")
+        raise LeaksFound(f"{report['leaks']} leaking record(s) (--fail-on-leak)")
     return 0
 
 
@@ -399,5 +406,6 @@ def add_check_leakage_command(subparsers) -> None:
                    help=f"near: largest pHash distance in bits (default: the build's, else {NEAR_THRESHOLD})")
     p.add_argument("--examples", type=positive_int, default=EXAMPLES, help=f"examples kept per kind (default {EXAMPLES})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--fail-on-leak", action="store_true", help=f"exit {LeakageError.exit_code} when any leak is found")
+    p.add_argument("--fail-on-leak", action="store_true", help=f"exit {LeaksFound.exit_code} when any leak is found "
+                   f"({LeakageError.exit_code}: nothing could be compared)")
     p.set_defaults(func=cmd_check_leakage)
