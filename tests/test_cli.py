@@ -38,3 +38,17 @@ def test_errors_are_one_line_with_exit_code(tmp_path, capsys):
     assert err.startswith("mmdata: error:") and "nope.yaml" in err
     assert main(["build", "latex_ocr_sample", "--set", "nonsense"]) == 1
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_set_of_a_key_build_also_takes_as_an_argument_applies_and_bad_counts_are_refused(tmp_path, capsys):
+    """--set num_proc=1 was a TypeError traceback (num_proc reached build() twice); num_proc 0 passed silently."""
+    import pytest
+
+    import mmdata
+
+    out = tmp_path / "np"
+    assert main(["build", "latex_ocr_sample", "--quiet", "--set", f"output.dir={out}", "--set", "num_proc=1",
+                 "--set", "max_samples=4"]) == 0
+    assert "written 4" in capsys.readouterr().out
+    with pytest.raises(mmdata.RecipeError, match="num_proc=0"):
+        mmdata.build("latex_ocr_sample", num_proc=0, output__dir=str(tmp_path / "zero"))

@@ -54,12 +54,30 @@ def test_set_dotted_creates_missing_levels():
     assert data == {"images": {"mode": "link"}}
 
 
-def test_set_values_are_yaml_scalars_or_flow_lists_else_the_typed_string():
+def test_set_text_is_kept_as_typed_except_flow_collections_null_and_quotes():
+    """Read whole as YAML, `#` cut a prompt, `No` became false, a date a date; the model types text per field."""
     data = {}
     for key, text in [("a", "10"), ("b", "true"), ("c", "[x, y]"), ("d", "描述: 这张图"), ("e", "- not a list"),
-                      ("f", "{k: v}")]:
-        set_dotted(data, key, text)
-    assert data == {"a": 10, "b": True, "c": ["x", "y"], "d": "描述: 这张图", "e": "- not a list", "f": {"k": "v"}}
+                      ("f", "{k: v}"), ("g", "Describe # carefully"), ("h", "No"), ("i", "2024-01-01"),
+                      ("j", "null"), ("k", '"quoted"'), ("l", "{text}")]:
+        set_dotted(data, key, text, from_text=True)
+    assert data == {"a": "10", "b": "true", "c": ["x", "y"], "d": "描述: 这张图", "e": "- not a list",
+                    "f": {"k": "v"}, "g": "Describe # carefully", "h": "No", "i": "2024-01-01", "j": None,
+                    "k": "quoted", "l": "{text}"}
+    python = {}
+    set_dotted(python, "prompt", "a # b [x]")  # a Python value is set as it is
+    assert python == {"prompt": "a # b [x]"}
+
+
+def test_set_texts_are_typed_by_the_recipe_and_python_strings_stay_exact(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", BASE)
+    recipe = load_recipe(path, {"max_samples": "10", "split.val": "0.1", "output.overwrite": "true",
+                                "prompt": "Q # {text}", "name": "123"}, from_text=True)
+    assert (recipe.max_samples, recipe.split.val, recipe.output.overwrite) == (10, 0.1, True)
+    assert (recipe.prompt, recipe.name) == ("Q # {text}", "123")
+    assert load_recipe(path, {"prompt": "null"}).prompt == "null"  # Python: exactly the string given
+    with pytest.raises(RecipeError, match="output.dir"):
+        load_recipe(path, {"output.dir": ""}, from_text=True)  # it built into the current folder
 
 
 def test_convert_options_need_convert_mode(tmp_path):

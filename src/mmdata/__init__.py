@@ -40,6 +40,8 @@ def build(
     """
     from .pipeline import build_recipe
 
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise RecipeError(f"num_proc={num_proc!r}: a number of worker processes, 1 or more")
     if not isinstance(recipe, (str, Recipe)) and not hasattr(recipe, "__fspath__"):
         # A pandas.DataFrame or datasets.Dataset (a notebook): a recipe around it, name "dataset" unless name= says.
         # `_data` keeps the object referenced until the build is done (the source registry holds it weakly).

@@ -62,6 +62,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from . import build
+    from .recipes import load_recipe
     from .summary import format_summary
 
     overrides = _parse_set(args.set)
@@ -71,10 +72,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["output.allow_existing"] = "true"
     if args.max_rejected is not None:
         overrides["max_rejected"] = args.max_rejected
+    # the recipe is loaded here, not by build(): a --set of a recipe key that is also one of build()'s own
+    # arguments (num_proc) would otherwise reach it twice
+    recipe = load_recipe(args.recipe, overrides, from_text=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BuildWarning)  # printed below, once, in the summary's words
-        result = build(args.recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
-                       quiet=args.quiet, rebuild=args.rebuild, **{k.replace(".", "__"): v for k, v in overrides.items()})
+        result = build(recipe, num_proc=args.num_proc, shard=args.shard, engine=args.engine, strict=args.strict,
+                       quiet=args.quiet, rebuild=args.rebuild)
     print(format_summary(result))
     for message in result.warnings:
         print(f"mmdata: warning: {message}", file=sys.stderr)

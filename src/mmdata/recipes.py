@@ -199,7 +199,7 @@ class Dedup(_Strict):
 
 
 class Output(_Strict):
-    dir: str = Field(..., description="output folder; relative to the current directory")
+    dir: str = Field(..., min_length=1, description="output folder; relative to the current directory")
     format: Literal["sharegpt", "alpaca"] = "sharegpt"
     file_format: Literal["jsonl", "json"] = Field(
         "jsonl", description="jsonl: a folder of shards per split; json: one JSON array file per split"
@@ -348,8 +348,10 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
     raise RecipeError(f"no recipe named {name_or_path!r}{suggestion}; `mmdata list` shows the built-in ones")
 
 
-def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, override and validate a recipe. ``overrides`` use dotted keys: ``{"output.dir": "x", "max_samples": 10}``."""
+def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
+                from_text: bool = False) -> Recipe:
+    """Read, override and validate a recipe. ``overrides`` use dotted keys: ``{"output.dir": "x", "max_samples": 10}``;
+    ``from_text``: they are a command line's ``--set`` strings (:func:`typed_text`)."""
     path = recipe_path(name_or_path)
     data = read_recipe_yaml(path)
     if not isinstance(data, dict):
@@ -357,7 +359,7 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     for key, value in (overrides or {}).items():
         if key.startswith("source.") and isinstance(value, str) and os.path.exists(value):
             value = os.path.abspath(value)  # an override path is the caller's, relative to their cwd
-        set_dotted(data, key, value)
+        set_dotted(data, key, value, from_text=from_text)
     base_dir = path.parent.resolve()
     if path.parent.resolve() == builtin_recipe_dir().resolve():
         base_dir = (builtin_recipe_dir() / "data").resolve()
@@ -471,17 +473,11 @@ def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
-    """``set_dotted(d, "output.dir", "x")``; values given as strings are parsed as YAML scalars (``10`` -> 10) or
-    flow collections (``[a, b]``); anything else stays the string typed (``prompt=描述: 这张图`` is a prompt, not a
-    mapping)."""
-    if isinstance(value, str) and value.strip():
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        flow = value.lstrip().startswith(("[", "{"))
-        value = parsed if flow or not isinstance(parsed, (dict, list)) else value
+def set_dotted(data: dict, dotted_key: str, value: Any, *, from_text: bool = False) -> None:
+    """``set_dotted(d, "output.dir", "x")``: a Python value is set as it is. ``from_text`` (a command line's
+    ``--set``): see :func:`typed_text`."""
+    if from_text and isinstance(value, str):
+        value = typed_text(value)
     keys = dotted_key.split(".")
     node = data
     for key in keys[:-1]:
@@ -489,6 +485,28 @@ def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
             node[key] = {}
         node = node[key]
     node[keys[-1]] = value
+
+
+_NULL_WORDS = {"null", "Null", "NULL", "~"}
+
+
+def typed_text(text: str) -> Any:
+    """A ``--set`` value: the text as typed, which the recipe's model types for its field (``4`` a count, ``true`` a
+    switch, ``0.1`` a share), except a flow collection (``[a, b]``, ``{k: v}``; ``{text}`` stays a prompt template),
+    ``null``/``~`` (unset) and a quoted string, which are read as YAML. Read whole as YAML, text became something else: ``#`` starts a comment (a
+    prompt ``Describe # carefully`` was cut to ``Describe``), ``No`` is false, ``2024-01-01`` a date, ``123`` a number
+    where a name or prompt was meant."""
+    stripped = text.strip()
+    quoted = len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""
+    if stripped in _NULL_WORDS or quoted or stripped.startswith(("[", "{")):
+        try:
+            parsed = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return text
+        if isinstance(parsed, dict) and all(v is None for v in parsed.values()):
+            return text  # "{text}" is a prompt template, not the mapping {text: null}
+        return parsed
+    return text
 
 
 def recipe_json_schema() -> dict:
