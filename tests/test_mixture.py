@@ -114,3 +114,11 @@ def test_invalid_components_are_reported_when_the_recipe_loads(tmp_path, parts):
     parts[1]["weight"] = 0.5
     with pytest.raises(RecipeError, match="a `count` or a `weight`, not both"):
         build_mixture(tmp_path, parts)
+
+
+def test_a_mixture_that_includes_itself_is_named(tmp_path):
+    """It recursed to Python's limit and was reported as "not valid YAML: RecursionError"."""
+    write_recipe(tmp_path / "m9.yaml", {"name": "m9", "output": {"dir": str(tmp_path / "o")}, "source": {
+        "type": "mixture", "components": [{"recipe": "m9.yaml", "count": 2}]}})
+    with pytest.raises(SourceError, match=r"mixture 'm9' includes itself \(m9 -> m9\)"):
+        mmdata.build(str(tmp_path / "m9.yaml"))

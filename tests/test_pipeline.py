@@ -175,6 +175,24 @@ def test_a_split_that_comes_out_empty_is_a_warning_naming_the_fix(tmp_path, spli
     assert "unfilled_splits" not in clean.counts and not clean.warnings
 
 
+@pytest.mark.parametrize("split", [{"val": 4}, {"val": 0.2, "group_by": "image"}])
+def test_every_row_rejected_with_a_split_says_so_not_that_the_split_is_too_big(tmp_path, split):
+    """The split's "asks for 4 val records but only 0 were written" hid why nothing was written."""
+    recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": ["a", "b", "c"]},
+              "prompt": "Read {formula}", "split": split, "output": {"dir": str(tmp_path / "o")}}
+    with pytest.warns(mmdata.BuildWarning, match="no record was written: all 3 were rejected .prompt uses {formula}"):
+        mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+
+
+@pytest.mark.parametrize("filters, says", [({"min_answer_chars": 30, "max_answer_chars": 10}, "no record could pass"),
+                                           ({"max_aspect_ratio": 0.5}, "greater than or equal to 1")])
+def test_filters_no_record_could_pass_are_a_recipe_error(tmp_path, filters, says):
+    recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": ["a"]}, "filters": filters,
+              "output": {"dir": str(tmp_path / "o")}}
+    with pytest.raises(RecipeError, match=says):
+        mmdata.build(str(write_recipe(tmp_path / "r.yaml", recipe)), num_proc=1)
+
+
 def test_split_sizes_are_counts_or_shares_never_true(tmp_path):
     recipe = {"name": "s", "source": {"type": "synthetic_latex", "formulas": ["a"]}, "split": {"val": True},
               "output": {"dir": str(tmp_path / "o")}}

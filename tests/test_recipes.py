@@ -97,3 +97,13 @@ def test_schema_lists_top_level_keys():
     props = recipe_json_schema()["properties"]
     assert {"name", "source", "fields", "prompt", "filters", "images", "split", "output"} <= set(props)
     assert "base_dir" not in props
+
+
+def test_a_key_written_twice_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t7\nname: t7b\nsource: {type: csv, path: d.csv}\noutput: {dir: a}\n")
+    with pytest.raises(RecipeError, match=r"line 2: the key 'name' is written twice"):
+        load_recipe(path)
+    path.write_text("name: t\nsource: {type: csv, path: d.csv}\nbase: &o {dir: a}\noutput:\n  <<: *o\n")
+    with pytest.raises(RecipeError, match="unknown key 'base'"):  # a merge key is no repetition
+        load_recipe(path)

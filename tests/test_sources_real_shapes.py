@@ -813,6 +813,10 @@ def test_a_list_of_splits_is_their_rows_in_order_each_with_its_split(tmp_path):
     result = build(tmp_path, {"type": "hf", "path": str(copy), "split": ["train", "validation", "test"]},
                    fields=QA_FIELDS, split={"from_source": True})
     assert result.counts["by_split"] == {"train": 3, "val": 2, "test": 2}
+    # one source split on purpose (an eval set): no "no record went to train" warning
+    val_only = build(tmp_path / "v", {"type": "hf", "path": str(copy), "split": "validation"}, fields=QA_FIELDS,
+                     split={"from_source": True})
+    assert val_only.counts["by_split"] == {"val": 2} and not val_only.warnings
 
 
 def test_rejects_say_where_the_row_is_file_and_line_or_hub_split(tmp_path):

@@ -131,7 +131,7 @@ class Splitter:
     def __init__(self, split: Split, total: int, seed: int):
         self.val: set[int] = set()
         self.test: set[int] = set()
-        if not split.enabled:
+        if not split.enabled or total == 0:  # nothing written: the build's problem says why, not a split error
             return
         k_val, k_test = _size(split.val, total), _size(split.test, total)
         if k_val + k_test > total:
@@ -296,8 +296,8 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     }
     unfilled = {s: getattr(recipe.split, s) for s in ("val", "test") if getattr(recipe.split, s)
                 and not counts["by_split"].get(s)}
-    if recipe.split.enabled and not counts["by_split"].get("train"):
-        unfilled["train"] = 0
+    if recipe.split.enabled and not recipe.split.from_source and not counts["by_split"].get("train"):
+        unfilled["train"] = 0  # (from_source: the source splits chosen may hold no train, on purpose)
     if datasets and unfilled:  # a split the recipe asked for came out empty: BuildResult.warnings says why
         counts["unfilled_splits"] = unfilled
     if skipped:
@@ -527,7 +527,7 @@ def _finalize_with_fingerprints(layout: Layout, recipe: Recipe, fingerprint: str
                                  _staged_lines([layout.split_labels(t) for t in range(num_tasks)])], dtype=np.int8)
         codes[kept] = source_codes[kept]
         splits = list(SPLITS)
-    elif recipe.split.group_by is not None:
+    elif recipe.split.group_by is not None and len(kept):
         k_val, k_test = _size(recipe.split.val, len(kept)), _size(recipe.split.test, len(kept))
         if k_val + k_test > len(kept):
             raise BuildError(f"split asks for {k_val} val + {k_test} test records but only {len(kept)} records were "

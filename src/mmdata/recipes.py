@@ -76,14 +76,23 @@ class Boxes(_Strict):
 class Filters(_Strict):
     """Records outside these bounds are rejected with reason ``filtered: ...`` (never silently dropped)."""
 
-    min_answer_chars: int | None = None
-    max_answer_chars: int | None = None
-    min_question_chars: int | None = None
-    max_question_chars: int | None = None
-    min_image_side: int | None = None
-    max_image_side: int | None = None
-    max_aspect_ratio: float | None = None
+    min_answer_chars: int | None = Field(None, ge=0)
+    max_answer_chars: int | None = Field(None, ge=0)
+    min_question_chars: int | None = Field(None, ge=0)
+    max_question_chars: int | None = Field(None, ge=0)
+    min_image_side: int | None = Field(None, ge=0)
+    max_image_side: int | None = Field(None, ge=0)
+    max_aspect_ratio: float | None = Field(None, ge=1, description="long side / short side; 1 is a square")
     require_images: bool = False
+
+    @model_validator(mode="after")
+    def _bounds_leave_room(self) -> Filters:
+        # min above max rejected every row, and the build then blamed something else
+        for what in ("answer_chars", "question_chars", "image_side"):
+            low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"min_{what} ({low}) is above max_{what} ({high}): no record could pass")
+        return self
 
 
 class ImageOptions(_Strict):
@@ -241,6 +250,8 @@ class Recipe(_Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_is_a_template(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list: give one prompt, or a list of at least one to pick from")
         for template in [value] if isinstance(value, str) else value or []:
             try:
                 parts = list(string.Formatter().parse(template))
@@ -405,12 +416,25 @@ def read_recipe_yaml(path: Path) -> Any:
             loader.dispose()
 
 
+def _refuse_repeated_keys(node: yaml.MappingNode, path: Path) -> None:
+    """A key written twice in one mapping: YAML keeps the last silently (two ``output:`` blocks built into the
+    second ``dir`` without a word)."""
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if key.value in seen:
+                raise RecipeError(f"{path}: line {key.start_mark.line + 1}: the key {key.value!r} is written twice in "
+                                  "one mapping (YAML would keep the last silently); keep one")
+            seen.add(key.value)
+
+
 def _expanded_nodes(root: yaml.Node, path: Path) -> int:
     """Node count with every alias expanded, computed on the shared graph (memoised, iterative: no recursion)."""
     def children(node: yaml.Node) -> list[yaml.Node]:
         if isinstance(node, yaml.SequenceNode):
             return list(node.value)
         if isinstance(node, yaml.MappingNode):
+            _refuse_repeated_keys(node, path)
             return [n for pair in node.value for n in pair]
         return []
 

@@ -15,6 +15,7 @@ component takes its first ``count`` rows; weights become counts of ``total`` by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,6 +78,26 @@ def counts_from_weights(weights: list[float], total: int) -> list[int]:
     return counts
 
 
+# recipes of the mixture components being opened, outermost first: a mixture that includes itself, directly or
+# through another one, recursed until Python's limit ("not valid YAML: RecursionError")
+_OPENING: list[str] = []
+
+
+@contextlib.contextmanager
+def _opening(recipe):
+    key = f"{recipe.name}@{recipe.base_dir}" if recipe.source.type == "mixture" else None
+    if key is not None and key in _OPENING:
+        chain = " -> ".join(k.split("@")[0] for k in [*_OPENING, key])
+        raise SourceError(f"mixture {recipe.name!r} includes itself ({chain}); remove that component")
+    if key is not None:
+        _OPENING.append(key)
+    try:
+        yield
+    finally:
+        if key is not None:
+            _OPENING.pop()
+
+
 @register_source("mixture")
 class MixtureSource(Source):
     Params = MixtureParams
@@ -99,8 +120,9 @@ class MixtureSource(Source):
             for component, count in zip(components, counts, strict=True):
                 recipe = self._component_recipe(component)
                 name = component.name or recipe.name
-                source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or self.base_dir)
-                available = source.num_rows()
+                with _opening(recipe):
+                    source = open_source(recipe.source.type, recipe.source.params(), recipe.base_dir or self.base_dir)
+                    available = source.num_rows()
                 if available is not None and available < count:
                     raise SourceError(f"mixture component {name!r} has {available} rows but {count} were asked for")
                 parts.append((name, recipe, source, count))
