@@ -2,6 +2,7 @@
 a clean dataset passes; LLaMA-Factory's own dataset_info.json raises no false errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,33 @@ def test_bad_counts_on_the_command_line_are_refused(tmp_path, capsys):
         assert exit_info.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
     assert main(["validate", str(info), "--record-tokens", str(tmp_path / "no" / "such" / "t.jsonl")]) != 0
     assert "cannot write it" in capsys.readouterr().err
+
+
+def test_an_untyped_file_is_an_error_only_where_llamafactory_reads_it_first(tmp_path):
+    """datasets types the columns from the first chunk of the file os.listdir lists first; an untyped file listed
+    later loads (LLaMA-Factory loaded it) and is a warning that names the order it depends on."""
+    entry = {**MLLM_ENTRY, "file_name": "shards"}
+    info = make_dataset(tmp_path, [record()], entry)
+    shards = tmp_path / "shards"
+    shards.unlink()  # make_dataset wrote the records as one file of that name
+    shards.mkdir()
+    (shards / "a.jsonl").write_text(json.dumps(record()) + "\n")
+    (shards / "z.jsonl").write_text(json.dumps(record("Text only?", "Yes.", ())) + "\n")
+    report = validate(info)
+    untyped = only(report, "untyped-first-chunk")
+    first = os.listdir(shards)[0]
+    assert untyped.severity == ("error" if first == "z.jsonl" else "warning")
+    assert report.ok == (first == "a.jsonl")
+
+
+def test_a_looping_data_link_and_an_image_that_is_a_folder_say_so(tmp_path):
+    """Both read as "not found"/"missing", the first with a suggestion of its own name."""
+    info = make_dataset(tmp_path, [record(images=["images"])])
+    report = validate(info)
+    assert "is a folder, not an image" in only(report, "image-unreadable").message
+    (tmp_path / "mllm.json").unlink()
+    (tmp_path / "mllm.json").symlink_to("mllm.json")
+    assert "a broken or looping link" in only(validate(info), "missing-file").message
 
 
 def test_missing_image(tmp_path):

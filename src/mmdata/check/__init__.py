@@ -138,6 +138,11 @@ def _selected_names(info: dict, datasets: list[str] | None, report: ValidationRe
 def _check_files(name: str, attr: lfdata.DatasetAttr, dataset_dir: Path, report: ValidationReport) -> list[Path] | None:
     """The data files of a file entry, or None after reporting why LLaMA-Factory could not load them."""
     path = dataset_dir / attr.dataset_name
+    if not path.exists() and path.is_symlink():
+        report.add(Problem(name, None, "error", f"data file {attr.dataset_name!r} is a symbolic link to nothing "
+                           f"(a broken or looping link: {os.readlink(path)!r})", "point the link at the data file, or "
+                           "replace it with the file", "missing-file"))
+        return None
     if not path.exists():
         try:
             siblings = [p.name for p in dataset_dir.iterdir()]

@@ -238,9 +238,12 @@ class _EntryChecker:
         if path in self.sizes:
             return self.sizes[path]
         joined, exists = self._resolve(path)
-        if not exists:
-            info: tuple[int, int] | str = ("found only relative to the current directory, not to media_dir"
-                                           if os.path.isfile(path) else f"missing (looked for {joined})")
+        if not exists and joined.is_dir():
+            info: tuple[int, int] | str = (f"unreadable: {joined} is a folder, not an image (LLaMA-Factory: "
+                                           "IsADirectoryError)")
+        elif not exists:
+            info = ("found only relative to the current directory, not to media_dir"
+                    if os.path.isfile(path) else f"missing (looked for {joined})")
             if info.startswith("found only"):
                 size = _open_image(Path(path), self.decode_images)
                 info = info if not isinstance(size, str) else size
@@ -388,15 +391,24 @@ def _check_file_shapes(checker: _EntryChecker, shapes: list[_FileShape]) -> None
                             shape.shown)
     typed = {k for s in shapes for k in s.first_typed}
     lists = {k for k, (kind, _) in checker.types.items() if kind.startswith("list")}
+    # datasets types each column from the first chunk of the file LLaMA-Factory lists first (os.listdir order)
+    listed = os.listdir(shapes[0].path.parent) if len(shapes) > 1 else []
+    first = min(shapes, key=lambda s: listed.index(s.path.name) if s.path.name in listed else len(listed)) \
+        if shapes else None
     for shape in shapes:
         if not shape.chunked:
             continue
         untyped = sorted(k for k in typed & shape.keys if not shape.typed_in_first_chunk(k))
         if untyped:
             what = "empty lists" if set(untyped) <= lists else "nulls or empty lists"
-            checker.problem(None, "error", f"the first 10 MB of this file hold only {what} in "
-                            f"{', '.join(map(repr, untyped))}: datasets types a column from the first chunk it reads "
-                            "(LLaMA-Factory lists files in os.listdir order) and then fails to cast the records that "
-                            "have values (DatasetGenerationCastError)", "start the file with a record that has "
-                            "them (mmdata build starts every shard so), or write one JSON array file",
-                            "untyped-first-chunk", shape.shown)
+            problem = (f"the first 10 MB of this file hold only {what} in {', '.join(map(repr, untyped))}: datasets "
+                       "types a column from the first chunk it reads (of the file LLaMA-Factory lists first, in "
+                       "os.listdir order) and then fails to cast the records that have values "
+                       "(DatasetGenerationCastError)")
+            fix = ("start the file with a record that has them (mmdata build starts every shard so), or write one "
+                   "JSON array file")
+            if shape is first:
+                checker.problem(None, "error", problem, fix, "untyped-first-chunk", shape.shown)
+            else:  # loads here, but another filesystem may list this file first
+                checker.problem(None, "warning", f"{problem}. It loads here only because os.listdir lists "
+                                f"{first.shown} first", fix, "untyped-first-chunk", shape.shown)
