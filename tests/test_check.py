@@ -285,6 +285,17 @@ def test_a_looping_data_link_and_an_image_that_is_a_folder_say_so(tmp_path):
     assert "a broken or looping link" in only(validate(info), "missing-file").message
 
 
+@pytest.mark.parametrize("call, ok", [('{"name": "f", "arguments": {}}', True), ("not json", False),
+                                      ('{"name": "f"}', False), ('[{"name": "f", "arguments": {"x": 1}}]', True)])
+def test_a_function_call_must_be_what_llamafactorys_formatter_reads(tmp_path, call, ok):
+    """LLaMA-Factory fails on the bad ones ('Invalid JSON format in function message', KeyError 'arguments')."""
+    turns = [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": call},
+             {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]
+    entry = {"file_name": "tools.json", "formatting": "sharegpt"}
+    report = validate(make_dataset(tmp_path, [{"conversations": turns}], entry))
+    assert report.ok == ok, report.format_text()
+
+
 def test_missing_image(tmp_path):
     report = validate(make_dataset(tmp_path, [record(), record(images=["images/nope.jpg"])]))
     problem = only(report, "image-missing")

@@ -153,8 +153,10 @@ class _EntryChecker:
                     hint = _guess_tag(role)
                     fix = (f'set "tags": {{..., "{hint}": "{role}"}} in the entry' if hint
                            else f"use one of the entry's role tags ({known})")
+                    what = ("LLaMA-Factory fails on it (KeyError in its openai converter)"
+                            if attr.formatting == "openai" else "LLaMA-Factory skips the whole record")
                     self.problem(index, "error", f"message {i} has role {role!r}, which is none of the entry's tags "
-                                 f"({known}): LLaMA-Factory skips the whole record", fix, "unknown-role", file)
+                                 f"({known}): {what}", fix, "unknown-role", file)
                     return False
         else:
             names = [attr.column(c) for c in ("prompt", "query") if attr.column(c)]
@@ -167,6 +169,12 @@ class _EntryChecker:
         return True
 
     def _check_conversation(self, index: int, turns: list, images: list, videos: list, file: str | None) -> None:
+        for i, (role, content) in enumerate(turns):
+            if role == "function" and not _is_tool_call(content):
+                self.problem(index, "error", f"message {i} is a function call whose content is not JSON with "
+                             "'name' and 'arguments' (or a list of such): LLaMA-Factory fails on it ('Invalid JSON "
+                             "format in function message' or KeyError 'arguments')",
+                             'write it as {"name": ..., "arguments": {...}}', "conversation", file)
         # LLaMA-Factory lets observation stand where a user turn goes and function_call where an assistant turn goes.
         canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
         for message in conversation_problems(canonical, len(images), len(videos)):
@@ -302,6 +310,16 @@ def _guess_tag(role: object) -> str | None:
         if role in words:
             return tag
     return None
+
+
+def _is_tool_call(content: object) -> bool:
+    """What LLaMA-Factory's function formatter accepts: JSON of one ``{name, arguments}`` object or a list of them."""
+    try:
+        calls = json.loads(content) if isinstance(content, str) else None
+    except ValueError:
+        return False
+    calls = calls if isinstance(calls, list) else [calls]
+    return bool(calls) and all(isinstance(c, dict) and "name" in c and "arguments" in c for c in calls)
 
 
 _CODE_SPAN = re.compile(r"```.*?```|`[^`\n]*`", re.S)
