@@ -54,9 +54,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .recipes import recipe_path
+    from .recipes import builtin_recipe_dir, recipe_path
 
-    print(recipe_path(args.recipe).read_text(encoding="utf-8"), end="")
+    path = recipe_path(args.recipe)
+    if path.parent.resolve() == builtin_recipe_dir().resolve():
+        # a copy of it lives elsewhere: its relative data paths would no longer resolve
+        print(f"# built-in recipe {path.name}: relative local paths in it resolve against "
+              f"{(builtin_recipe_dir() / 'data').resolve()}; in a copy, write them out in full")
+    print(path.read_text(encoding="utf-8"), end="")
     return 0
 
 
