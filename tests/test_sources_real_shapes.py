@@ -838,6 +838,16 @@ def test_rejects_say_where_the_row_is_file_and_line_or_hub_split(tmp_path):
     assert [(r["position"], r["split"]) for r in rejects(split_result)] == [(3, "validation")]
 
 
+def test_a_missing_image_names_the_archive_beside_the_data(tmp_path):
+    """SLAKE ships imgs.zip beside its JSON: every row was "image file not found", and the build blamed the recipe."""
+    (tmp_path / "imgs.zip").write_bytes(b"PK\x05\x06" + b"\x00" * 18)
+    (tmp_path / "train.json").write_text(json.dumps([{"img_name": "xmlab1/source.jpg", "question": "q?",
+                                                        "answer": "a"}]))
+    result = build(tmp_path, {"type": "hf", "path": "train.json", "image_root": "imgs"},
+                   fields={"image": "img_name", "question": "question", "answer": "answer"})
+    assert "(imgs.zip lies near it: extract the images first)" in rejects(result)[0]["message"]
+
+
 def test_builtin_recipes_with_hub_splits_build_from_a_local_copy(tmp_path):
     vqa = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
                              "answer": datasets.Value("string")})

@@ -8,6 +8,7 @@ so any engine and any number of workers give the same bytes, and a killed task i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -263,6 +264,26 @@ def _short(err: dict) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+@functools.lru_cache(maxsize=64)
+def _archives_near(folder: Path) -> tuple[str, ...]:
+    """Archives in the nearest existing folder above a missing image, and the one above that: hub datasets ship
+    their images zipped (SLAKE's imgs.zip beside its JSON files)."""
+    existing = next((p for p in [folder, *folder.parents][:4] if p.is_dir()), None)
+    found = []
+    for where in (existing, existing.parent) if existing is not None else ():
+        try:
+            found += [p.name for p in where.iterdir() if p.name.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))]
+        except OSError:
+            continue
+    return tuple(sorted(set(found))[:3])
+
+
+def _archive_hint(path: Path | None) -> str:
+    """For a missing image: the archives near where it was looked for, which probably hold it."""
+    archives = _archives_near(Path(path).parent) if path is not None else ()
+    return f" ({', '.join(archives)} lies near it: extract the images first)" if archives else ""
+
+
 def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
     opts = recipe.images
     try:
@@ -271,7 +292,8 @@ def _prepare_image(ref, recipe: Recipe) -> _PreparedImage:
         if isinstance(data, Path) and not data.is_file():
             raise IsADirectoryError if data.is_dir() else FileNotFoundError
     except FileNotFoundError:
-        raise SampleError(f"image file not found: {ref.path}", kind="image file not found") from None
+        raise SampleError(f"image file not found: {ref.path}{_archive_hint(ref.path)}",
+                          kind="image file not found") from None
     except IsADirectoryError:
         raise SampleError(f"image path is a folder: {ref.path}", kind="image file not found") from None
     except OSError as e:
