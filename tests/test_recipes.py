@@ -107,3 +107,12 @@ def test_a_key_written_twice_is_refused_naming_the_line(tmp_path):
     path.write_text("name: t\nsource: {type: csv, path: d.csv}\nbase: &o {dir: a}\noutput:\n  <<: *o\n")
     with pytest.raises(RecipeError, match="unknown key 'base'"):  # a merge key is no repetition
         load_recipe(path)
+
+
+def test_set_indexes_lists_such_as_mixture_components():
+    """source.components.0.count replaced the list with a dict ("Input should be a valid list")."""
+    data = {"source": {"components": [{"count": 1}, {"count": 2}]}}
+    set_dotted(data, "source.components.1.count", "5", from_text=True)
+    assert data == {"source": {"components": [{"count": 1}, {"count": "5"}]}}
+    with pytest.raises(RecipeError, match="source.components is a list of 2; index it with 0..1"):
+        set_dotted(data, "source.components.7.count", "5")

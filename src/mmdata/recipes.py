@@ -503,12 +503,19 @@ def set_dotted(data: dict, dotted_key: str, value: Any, *, from_text: bool = Fal
     if from_text and isinstance(value, str):
         value = typed_text(value)
     keys = dotted_key.split(".")
-    node = data
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
+    node: Any = data
+    for depth, key in enumerate(keys):
+        if isinstance(node, list):  # a list is indexed: source.components.0.count
+            if not (key.isdigit() and int(key) < len(node)):
+                raise RecipeError(f"override {dotted_key}: {'.'.join(keys[:depth])} is a list of {len(node)}; "
+                                  f"index it with 0..{len(node) - 1}")
+            key = int(key)
+        elif depth < len(keys) - 1 and not isinstance(node.get(key), (dict, list)):
             node[key] = {}
-        node = node[key]
-    node[keys[-1]] = value
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            node = node[key]
 
 
 _NULL_WORDS = {"null", "Null", "NULL", "~"}
