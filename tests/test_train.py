@@ -294,6 +294,26 @@ def test_config_errors_name_the_option(tmp_path):
         load_train_config(None, model="m", dataset="d", lr_scheduler_type="bogus")
 
 
+def test_a_model_without_a_chat_template_trains_with_its_familys(tiny_model, tmp_path):
+    """Training refused such a folder ("add chat_template.json") while export fell back to the family's template."""
+    import shutil
+
+    from mmdata.train.families import family_of
+    from mmdata.train.model import ensure_chat_template, load_processor
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.json").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    processor = load_processor(str(bare))
+    assert not processor.chat_template
+    with pytest.warns(UserWarning, match="has no chat template: using the qwen2_vl Instruct template"):
+        ensure_chat_template(processor, family_of("qwen2_vl"), str(bare))
+    assert processor.chat_template == family_of("qwen2_vl").chat_template
+
+
 def test_qlora_without_cuda_is_a_clear_error(tiny_model):
     from mmdata.train.model import load_model
 

@@ -98,6 +98,18 @@ def load_processor(path: str, *, fallback: str | None = None):
     return processor
 
 
+def ensure_chat_template(processor, family: Family, where: str) -> None:
+    """A processor without a chat template (a base checkpoint, a folder copied without ``chat_template.json``) gets
+    its family's Instruct template, with a warning: what LLaMA-Factory's ``template:`` and ``mmdata export`` use.
+    Training refused such a model while export accepted it."""
+    if getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None):
+        return
+    import warnings
+
+    processor.chat_template = family.chat_template
+    warnings.warn(f"{where} has no chat template: using the {family.model_type} Instruct template", stacklevel=2)
+
+
 def model_class(family: Family):
     """The family's transformers class (e.g. ``Qwen3VLForConditionalGeneration``); a clear error when this
     transformers version predates it."""

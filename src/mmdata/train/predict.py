@@ -20,7 +20,16 @@ from PIL import Image
 from .config import TrainError
 from .data import pixel_bounds, read_conversations, resolve_split, smart_resize, to_messages
 from .metrics import compute_metrics
-from .model import load_adapter, load_model, load_processor, pick_attention, pick_dtype, resolve_model_path
+from .model import (
+    ensure_chat_template,
+    load_adapter,
+    load_model,
+    load_processor,
+    pick_attention,
+    pick_dtype,
+    read_family,
+    resolve_model_path,
+)
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -39,6 +48,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, precision: str
     """``(model, processor)`` in eval mode: base, base + adapter, or a merged folder."""
     model_path = resolve_model_path(model, model_hub)
     processor = load_processor(adapter, fallback=model_path) if adapter else load_processor(model_path)
+    ensure_chat_template(processor, read_family(model_path), adapter or model_path)
     net = load_model(model_path, dtype=pick_dtype(precision), attn=pick_attention(attn_implementation, training=False))
     if adapter:
         net = load_adapter(net, adapter, model_path)

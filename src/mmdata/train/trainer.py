@@ -27,6 +27,7 @@ from .model import (
     attach_lora,
     compile_language_layers,
     enable_checkpointing,
+    ensure_chat_template,
     load_model,
     load_processor,
     pick_adapter_dtype,
@@ -228,6 +229,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     family = read_family(model_path)  # an unsupported model fails here, before any data is encoded
     resume_from = _resume_point(config, model_path, family)  # another run's checkpoint too
     processor = load_processor(model_path)
+    ensure_chat_template(processor, family, model_path)
     data_kwargs = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels, cutoff_len=config.cutoff_len)
 
     info_path, train_names = resolve_split(config.dataset, "train", config.train_datasets)
