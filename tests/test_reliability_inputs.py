@@ -289,7 +289,8 @@ JSON_CASES = [
     (turn() | {"images": [{"bytes": "not bytes"}]}, "image bytes is a str"),
     (turn() | {"images": [{"bytes": 10**12}]}, "image bytes is a int"),
     (turn() | {"images": [7]}, "image value is a int"),
-    ({"instruction": "q", "output": 5}, "Input should be a valid string"),
+    ({"instruction": "q", "output": 5}, "alpaca output is int, expected the answer text"),
+    ({"instruction": "q", "output": None}, "alpaca output is null, expected the answer text"),
     ({"instruction": "q", "output": "a", "history": "nope"}, "history must be a list"),
     ({"unknown": "shape"}, "unrecognised record shape"),
 ]

@@ -150,7 +150,11 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         instruction, query = record.get("instruction"), record.get("input")
         user = "\n".join(str(p) for p in (instruction, query) if p not in (None, ""))
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record.get("output", "")}]
+        output = record.get("output", "")
+        if not isinstance(output, str):
+            raise ShapeError(f"alpaca output is {type(output).__name__ if output is not None else 'null'}, expected "
+                             "the answer text")
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         row["messages"] = messages
         row["images"] = _record_images(record, row)
     else:
