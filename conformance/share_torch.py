@@ -8,6 +8,9 @@ venv has filled a CI machine's disk. Hard links cost no space, and the linked di
 as already met, so it installs nothing more for them. Every file is a link to the same bytes, so nothing in the target
 may be edited in place (pip only ever removes and writes whole files, as does ``run.sh``'s torchaudio step).
 
+Console scripts (``torchrun``, outside site-packages) are not linked, so LLaMA-Factory's venv has none: it runs
+LLaMA-Factory on the CPU in one process (``run.sh``), never ``FORCE_TORCHRUN``.
+
 When a link cannot be made (another filesystem, say) it removes the links it made and exits 1: pip then installs its
 own copy as before.
 """

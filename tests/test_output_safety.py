@@ -223,7 +223,7 @@ def test_an_output_dir_that_is_a_file_or_lies_under_one_is_refused_naming_it(tmp
     assert afile.read_text() == "mine"
 
 
-@pytest.mark.parametrize("planted", ["link", "file", "folder of the user's"])
+@pytest.mark.parametrize("planted", ["link", "file", "folder of the user's", "fifo"])
 def test_a_state_folder_that_is_not_mmdatas_is_never_cleared(tmp_path, planted):
     """``.mmdata`` is the one name a build clears wholesale: a link there, a file, or a folder holding other files
     is the user's, even with --allow-existing (a link was followed out of the folder and emptied its target)."""
@@ -237,6 +237,8 @@ def test_a_state_folder_that_is_not_mmdatas_is_never_cleared(tmp_path, planted):
         (out / ".mmdata").symlink_to(victim)
     elif planted == "file":
         (out / ".mmdata").write_text("my notes")
+    elif planted == "fifo":  # opening it to lock it blocked the build forever, holding the folder's claim
+        os.mkfifo(out / ".mmdata")
     else:
         (out / ".mmdata" / "done").mkdir(parents=True)
         (out / ".mmdata" / "notes").write_text("mine")

@@ -116,3 +116,21 @@ def test_set_indexes_lists_such_as_mixture_components():
     assert data == {"source": {"components": [{"count": 1}, {"count": "5"}]}}
     with pytest.raises(RecipeError, match="source.components is a list of 2; index it with 0..1"):
         set_dotted(data, "source.components.7.count", "5")
+
+
+def test_set_texts_of_counts_or_shares_and_into_scalars():
+    """"1.0" became the count 1 (pydantic's int | float); a key under a list's string was a TypeError traceback."""
+    with pytest.raises(RecipeError, match="split.val"):
+        load_recipe_text({"split.val": "1.0"})
+    assert load_recipe_text({"split.val": "4"}).split.val == 4
+    data = {"source": {"data_files": ["a.csv"]}}
+    with pytest.raises(RecipeError, match="source.data_files.0 is a str, not a mapping"):
+        set_dotted(data, "source.data_files.0.x", "1", from_text=True)
+
+
+def load_recipe_text(overrides):
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    return load_recipe(write_recipe(folder / "r.yaml", BASE), overrides, from_text=True)

@@ -306,7 +306,7 @@ def test_medtrinity_full_filters_by_source_and_reads_an_image_folder(medtrinity_
         if name != "img_5.jpg":
             (folder / name).write_bytes(data)
     result = mmdata.build("medtrinity_full", num_proc=1, **{
-        "source.path": str(hub), "source.image_root": str(folder), "source.where": "{source: [PMC]}",
+        "source.path": str(hub), "source.image_root": str(folder), "source.where": {"source": ["PMC"]},
         "output.dir": str(tmp_path / "o")})
     got = records(result, "medtrinity_full")
     assert [r["messages"][1]["content"] for r in got] == [f"caption of img_{i}.jpg" for i in (0, 1, 2, 3)]

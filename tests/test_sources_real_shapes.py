@@ -595,13 +595,14 @@ def test_a_metadata_csv_from_windows_reads_with_true_line_numbers(tmp_path, capt
     """A cp1252 metadata.csv could not be read at all (no encoding option), and a caption spanning lines made every
     later reject name the wrong line."""
     (captioned / "metadata.csv").write_bytes(
-        'file_name,text\r\na.jpg,"café\r\non two lines"\r\n,no file\r\nc.jpg,gamma,extra\r\nc.jpg,gamma\r\n'
+        'file_name,text\r\na.jpg,"café\r\non two lines"\r\n,no file\r\nc.jpg,gamma,extra\r\nc.jpg,gamma\r\n,\r\n'
         .encode("cp1252"))
     with pytest.raises(SourceError, match="source.encoding: cp1252"):
         build(tmp_path, {"type": "imagefolder", "path": "pics"}, prompt="Describe.")
     result = build(tmp_path, {"type": "imagefolder", "path": "pics", "encoding": "cp1252"}, prompt="Describe.")
     assert [r["messages"][1]["content"] for r in written(result)] == ["café\r\non two lines", "gamma"]
-    assert [r["message"].split(":")[0] for r in rejects(result)] == ["metadata.csv line 4", "metadata.csv line 5"]
+    assert [r["message"].split(":")[0] for r in rejects(result)] == ["metadata.csv line 4", "metadata.csv line 5",
+                                                                    "metadata.csv line 7"]  # ",": a row, no file_name
     assert "3 fields but the header has 2" in rejects(result)[1]["message"]
 
 
@@ -694,6 +695,22 @@ def test_hf_over_csv_keeps_every_cell_as_the_text_in_the_file(tmp_path, where):
     source = {"type": "hf", "path": where if where.endswith(".csv") and "/" not in where else "copy"}
     result = build(tmp_path, source, fields={"question": "question", "answer": "answer"})
     assert [r["messages"][1]["content"] for r in written(result)] == answers and not rejects(result)
+
+
+def test_hf_over_a_csv_with_an_index_column_and_a_numeric_where(tmp_path):
+    """df.to_csv() writes a blank first header (pandas reads it as "Unnamed: 0"): declaring the header names as
+    they stand failed the whole build. A CSV read as text holds "2020": where year: 2020, or the text 2020 of a
+    --set, matched nothing."""
+    pd.DataFrame({"question": ["q1", "q2", "q3"], "answer": ["a", "b", "c"], "year": [2020, 2021, 2020]}).to_csv(
+        tmp_path / "with_index.csv")
+    result = build(tmp_path, {"type": "hf", "path": "with_index.csv", "where": {"year": 2020}},
+                   fields={"question": "question", "answer": "answer"})
+    assert [r["messages"][1]["content"] for r in written(result)] == ["a", "c"]
+    recipe = write_recipe(tmp_path / "w.yaml", {"name": "t", "source": {"type": "hf", "path": "with_index.csv"},
+                                                "fields": {"question": "question", "answer": "answer"},
+                                                "output": {"dir": str(tmp_path / "w")}})
+    loaded = mmdata.load_recipe(str(recipe), {"source.where.year": "2021"}, from_text=True)
+    assert [r["messages"][1]["content"] for r in written(mmdata.build(loaded, num_proc=1))] == ["b"]
 
 
 def test_offline_hub_auto_fails_fast_with_one_line_per_hub(tmp_path, monkeypatch):

@@ -240,7 +240,6 @@ class OutputLock:
         self._held.append(_hold(self.layout.state, fcntl.LOCK_EX if whole else fcntl.LOCK_SH))
         if not whole:
             self._running_file.parent.mkdir(exist_ok=True)
-            self._running_file.touch()
             self._held.append(_hold(self._running_file, fcntl.LOCK_EX))
         fcntl.flock(self._folder, fcntl.LOCK_UN)
 
@@ -254,9 +253,17 @@ class OutputLock:
                 self.layout.root.rmdir()
 
 
+def _open_for_lock(path: Path) -> int:
+    """A descriptor to ``flock``: a folder read-only, a lock file read-write (NFS emulates ``flock`` with byte-range
+    locks, and an exclusive one needs a file open for writing)."""
+    if path.is_dir():
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 def _hold(path: Path, mode: int) -> int:
     """An open descriptor of ``path`` locked with ``mode`` (never waits: the caller holds the folder's claim)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_for_lock(path)
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -267,9 +274,9 @@ def _hold(path: Path, mode: int) -> int:
 
 def _try_lock(path: Path, mode: int) -> bool:
     """Whether ``path`` (a state folder or a running lock) could be locked with ``mode`` now; a missing path can."""
-    if not path.exists() or path.is_symlink():
+    if path.is_symlink() or not (path.is_dir() or path.is_file()):  # missing, or a FIFO that an open would block on
         return True
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_for_lock(path)
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True

@@ -135,6 +135,9 @@ class BuildTokens:
     source: str  # "manifest" or "measured"
 
 
+EXACT_RECOUNT_RECORDS = 200_000  # about a minute of tokenizing; past it, `mmdata validate --model` counts exactly
+
+
 def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
                    profile: ModelProfile | None = None, model: str | None = None) -> BuildTokens:
     """The token lengths of every dataset of a build for ``profile``'s template and image rule: from the manifest's
@@ -144,9 +147,11 @@ def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PI
     from .tokens import TokenCounter, has_tokenizer, token_counter
 
     profile = profile or get_profile()
-    exact = model is not None and has_tokenizer(model)
     stats = build.manifest.get("tokens")
-    if isinstance(stats, dict) and stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels \
+    stats = stats if isinstance(stats, dict) else {}
+    # a recount reads every record and image header: exact for builds up to EXACT_RECOUNT_RECORDS, else the manifest
+    exact = model is not None and has_tokenizer(model) and int(stats.get("records") or 0) <= EXACT_RECOUNT_RECORDS
+    if stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels \
             and stats.get("model", DEFAULT_PROFILE) == profile.name and (stats.get("exact") or not exact):
         return BuildTokens(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
                            int(stats.get("records", 0)), "manifest")

@@ -115,6 +115,21 @@ class ImageOptions(_Strict):
         return self
 
 
+def count_or_share_text(value: Any) -> Any:
+    """``--set split.val=1.0`` arrives as text: ``1.0`` is the share 1.0 (refused), not the count 1 that pydantic
+    makes of it for ``int | float``; ``4`` stays the count 4."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return value
+    return value
+
+
 class Split(_Strict):
     """Hold out ``val`` (and ``test``) records: a count (int) or a fraction of the input rows (float < 1)."""
 
@@ -163,7 +178,7 @@ class Split(_Strict):
     def _not_a_switch(cls, v: Any) -> Any:
         if isinstance(v, bool):  # `val: true` would pass as a count of 1
             raise ValueError("a split size is a count (int >= 0) or a fraction (0 <= float < 1), not true/false")
-        return v
+        return count_or_share_text(v)
 
     @field_validator("val", "test")
     @classmethod
@@ -269,6 +284,11 @@ class Recipe(_Strict):
         None, ge=0, description="fail the build (nothing registered) when more rows are rejected than this: a count "
                                 "(int) or a share of the rows (float < 1); builds rejecting over 10% always warn")
     seed: int = 42
+
+    @field_validator("max_rejected", mode="before")
+    @classmethod
+    def _count_or_share_text(cls, value: Any) -> Any:
+        return count_or_share_text(value)
 
     @field_validator("max_rejected")
     @classmethod
@@ -510,6 +530,9 @@ def set_dotted(data: dict, dotted_key: str, value: Any, *, from_text: bool = Fal
                 raise RecipeError(f"override {dotted_key}: {'.'.join(keys[:depth])} is a list of {len(node)}; "
                                   f"index it with 0..{len(node) - 1}")
             key = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"override {dotted_key}: {'.'.join(keys[:depth])} is a {type(node).__name__}, not a "
+                              "mapping to set a key in")
         elif depth < len(keys) - 1 and not isinstance(node.get(key), (dict, list)):
             node[key] = {}
         if depth == len(keys) - 1:

@@ -264,13 +264,11 @@ def _short(err: dict) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-@functools.lru_cache(maxsize=64)
-def _archives_near(folder: Path) -> tuple[str, ...]:
-    """Archives in the nearest existing folder above a missing image, and the one above that: hub datasets ship
-    their images zipped (SLAKE's imgs.zip beside its JSON files)."""
-    existing = next((p for p in [folder, *folder.parents][:4] if p.is_dir()), None)
+@functools.lru_cache(maxsize=1024)
+def _archives_in(folder: Path) -> tuple[str, ...]:
+    """Archives in ``folder`` and the one above it: hub datasets ship their images zipped (SLAKE's imgs.zip)."""
     found = []
-    for where in (existing, existing.parent) if existing is not None else ():
+    for where in (folder, folder.parent):
         try:
             found += [p.name for p in where.iterdir() if p.name.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz"))]
         except OSError:
@@ -279,8 +277,12 @@ def _archives_near(folder: Path) -> tuple[str, ...]:
 
 
 def _archive_hint(path: Path | None) -> str:
-    """For a missing image: the archives near where it was looked for, which probably hold it."""
-    archives = _archives_near(Path(path).parent) if path is not None else ()
+    """For a missing image whose folder is missing too (images not extracted): the archives near the nearest folder
+    that exists. A missing file in an existing folder gets no hint (and costs no listing of a large folder)."""
+    if path is None or Path(path).parent.is_dir():
+        return ""
+    existing = next((p for p in Path(path).parents if p.is_dir()), None)
+    archives = _archives_in(existing) if existing is not None else ()
     return f" ({', '.join(archives)} lies near it: extract the images first)" if archives else ""
 
 

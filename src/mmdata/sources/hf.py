@@ -353,18 +353,19 @@ def _load_local(params: HfParams, location: str, fresh: bool) -> tuple[list, lis
 
 
 def _csv_header(builder, files: list[Path]) -> list[str] | None:
-    """The column names of a CSV builder's first data file when its column types are not declared, else None."""
-    import csv
+    """The column names pandas gives a CSV builder's first data file (``Unnamed: 0`` for a blank one, ``text.1`` for
+    a repeat) when its column types are not declared, else None."""
+    import pandas as pd
 
     if builder.name != "csv" or builder.config.features is not None:
         return None
     first = next((f for f in files if f.name != "README.md"), None)
     try:
-        with open(first, encoding="utf-8-sig", newline="") as f:
-            header = next(csv.reader(f, delimiter=builder.config.sep or builder.config.delimiter or ","), [])
-    except (OSError, TypeError, UnicodeDecodeError, csv.Error):
+        columns = pd.read_csv(first, nrows=0, sep=builder.config.sep or builder.config.delimiter or ",",
+                              encoding=builder.config.encoding or "utf-8").columns
+    except (OSError, ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError):
         return None  # the builder's own reading says what is wrong
-    return header if header and len(set(header)) == len(header) else None
+    return [str(c) for c in columns] or None
 
 
 def _builder_files(builder, path: Path) -> list[Path]:
@@ -517,13 +518,35 @@ def where_values(where: dict, features, columns) -> dict[str, set]:
         values = value if isinstance(value, list) else [value]
         feature = (features or {}).get(column)
         if isinstance(feature, datasets.ClassLabel):
+            # a label index given as text ("--set source.where.label=1") is the index, unless it is a class name
+            values = [int(v) if isinstance(v, str) and v.isdigit() and v not in feature.names else v for v in values]
             unknown = [v for v in values if isinstance(v, str) and v not in feature.names]
             if unknown:
                 raise SourceError(f"source.where {column}: {unknown} is not a class name of that column "
                                   f"({', '.join(feature.names)})")
             values = [feature.str2int(v) if isinstance(v, str) else v for v in values]
+        elif isinstance(feature, datasets.Value):
+            values = [_as_column_type(v, feature.dtype) for v in values]
         allowed[column] = set(values)
     return allowed
+
+
+def _as_column_type(value: Scalar, dtype: str) -> Scalar:
+    """A ``where`` value in its column's type: ``--set source.where.year=2020`` arrives as the text "2020", and a
+    CSV read as text holds "2020" where the recipe wrote 2020; either way nothing matched."""
+    if dtype in ("string", "large_string"):
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        try:
+            if dtype.startswith(("int", "uint")):
+                return int(value)
+            if dtype.startswith("float"):
+                return float(value)
+        except ValueError:
+            return value
+        if dtype == "bool" and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return value
 
 
 def _filter(ds, allowed: dict[str, set]):

@@ -244,7 +244,7 @@ def _read_metadata(path: Path, encoding: str = "auto") -> Iterator[tuple[int, ob
                     if len(values) > len(header):
                         yield start, {"__error__": f"{len(values)} fields but the header has {len(header)}: quote "
                                                    "the field that holds a comma"}
-                    elif any(values):
+                    elif values:  # a blank line is no row; ",," is one, and gets its "no file_name" reject
                         yield start, dict(zip(header, values + [""] * (len(header) - len(values)), strict=True))
                     start = reader.line_num + 1
         except (csv.Error, UnicodeDecodeError) as e:
