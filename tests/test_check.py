@@ -296,6 +296,23 @@ def test_a_function_call_must_be_what_llamafactorys_formatter_reads(tmp_path, ca
     assert report.ok == ok, report.format_text()
 
 
+def test_openai_tool_calls_and_consecutive_tool_messages_are_read_as_llamafactory_does(tmp_path):
+    """LLaMA-Factory's openai converter makes tool_calls one function turn and merges tool messages; validate
+    reported "turn 3 is 'user'" and an empty assistant message for a record LLaMA-Factory loads."""
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "observation_tag": "tool", "function_tag": "function_call"}
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"},
+                {"role": "assistant", "content": "Sunny."}]
+    entry = {"file_name": "oai.json", "formatting": "openai", "columns": {"messages": "messages"}, "tags": tags}
+    report = validate(make_dataset(tmp_path, [{"messages": messages}], entry))
+    assert report.ok, report.format_text()
+    turns, _, _ = lfdata.to_turns({"messages": messages}, lfdata.parse_entry("x", entry))
+    assert [role for role, _ in turns] == ["user", "function", "observation", "assistant"]
+
+
 def test_missing_image(tmp_path):
     report = validate(make_dataset(tmp_path, [record(), record(images=["images/nope.jpg"])]))
     problem = only(report, "image-missing")

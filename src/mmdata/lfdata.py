@@ -302,6 +302,8 @@ def to_turns(record: dict, attr: DatasetAttr) -> tuple[list[tuple[str, object]],
             "system_tag")
         if system and not first_is_system:
             turns.append(("system", system))
+        if attr.formatting == "openai":
+            messages = _openai_aligned(messages, attr, role_tag, content_tag)
         for m in messages:
             role = m.get(role_tag)
             turns.append((role_map.get(role, str(role)), m.get(content_tag)))
@@ -325,6 +327,29 @@ def to_turns(record: dict, attr: DatasetAttr) -> tuple[list[tuple[str, object]],
         if answer_column:
             turns.append(("assistant", record.get(answer_column)))
     return turns, images, videos
+
+
+def _openai_aligned(messages: list[dict], attr: DatasetAttr, role_tag: str, content_tag: str) -> list[dict]:
+    """LLaMA-Factory's OpenAIDatasetConverter: an assistant message's ``tool_calls`` become one function-call turn
+    (their ``function`` objects as JSON), and consecutive tool (observation) messages one observation turn."""
+    observation, function = attr.tag("observation_tag"), attr.tag("function_tag")
+    aligned: list[dict] = []
+    responses: list = []
+    for m in messages:
+        role, content = m.get(role_tag), m.get(content_tag)
+        calls = m.get("tool_calls")
+        if role in (attr.tag("assistant_tag"), function) and isinstance(calls, list) and calls:
+            functions = [c.get("function") if isinstance(c, dict) else c for c in calls]
+            role, content = function, json.dumps(functions, ensure_ascii=False)
+        if role == observation:
+            responses.append(content)
+            continue
+        if responses:
+            aligned.append({role_tag: observation, content_tag: "\n</tool_response>\n<tool_response>\n".join(
+                str(r) for r in responses)})
+            responses = []
+        aligned.append({role_tag: role, content_tag: content})
+    return aligned
 
 
 def _as_list(value) -> list:
