@@ -24,13 +24,12 @@ def _parse_set(values: list[str]) -> dict[str, str]:
 
 
 def _count_or_share(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--max-rejected {text!r}: a count (10) or a share (0.05)") from None
+    from .recipes import count_or_share_text
+
+    value = count_or_share_text(text)
+    if isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"--max-rejected {text!r}: a count (10) or a share (0.05)")
+    return value
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -221,14 +221,16 @@ class OutputLock:
         if not busy and not whole and self._running_file.is_file():
             busy = not _try_lock(self._running_file, fcntl.LOCK_EX)
         if busy:
-            raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
-                             "or choose another output.dir")
+            self._refuse()
 
     def take_over(self) -> None:
         """Call before removing another build's files: refuses while a build still runs in the folder."""
-        if not _try_lock(self.layout.state, fcntl.LOCK_EX):
-            raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
-                             "or choose another output.dir")
+        if not self.alone():
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise BuildError(f"another build is writing into {self.layout.root} right now; wait for it to finish, "
+                         "or choose another output.dir")
 
     def alone(self) -> bool:
         """No other build runs in the folder now (none can start meanwhile: this one holds the claim)."""
@@ -342,13 +344,14 @@ def claim_output(layout: Layout, recipe: Recipe, fingerprint: str, rebuild: bool
     # Leftovers of a killed run: the temporary names of this build's own top-level files (never other ``*.tmp``
     # files of the folder, which may be the user's) and anything in the state folder. Image temporaries carry their
     # task's number and are replaced when the task is redone.
-    for path in planned if lock.alone() else ():
+    alone = lock.alone()
+    for path in planned if alone else ():
         for tmp in itertools.chain([path.with_name(path.name + ".tmp")], path.parent.glob(f".{path.name}.*.tmp")):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp)
             elif tmp.exists() or tmp.is_symlink():
                 tmp.unlink()
-    for tmp in layout.state.rglob("*.tmp") if layout.state.exists() and lock.alone() else []:
+    for tmp in layout.state.rglob("*.tmp") if layout.state.exists() and alone else []:
         tmp.unlink()
     write_state(layout, fingerprint)
 
