@@ -39,11 +39,11 @@ from .task import TaskStats, token_budget
 from .tokens import TokenBudget
 from .writers.llamafactory import (
     dataset_info_entry,
+    existing_dataset_info,
     fill_optional_keys,
     json_line,
     merge_dataset_info,
     optional_keys,
-    read_dataset_info,
 )
 
 
@@ -250,7 +250,7 @@ def check_reject_limit(layout: Layout, counts: dict, limit: int | float | None) 
 def check_names_free(layout: Layout, recipe: Recipe) -> None:
     """Refuse, before any data is written, a build whose dataset names ``dataset_info.json`` already gives to other
     files (a refused build must not leave its data behind for the next try to trip over)."""
-    info = read_dataset_info(layout.dataset_info)  # one mmdata could not merge into is refused now, not at the end
+    info = existing_dataset_info(layout.dataset_info)  # one mmdata could not merge into is refused now, not at the end
     if recipe.output.overwrite:
         return
     splits = SPLITS if layout.split_enabled else SPLITS[:1]

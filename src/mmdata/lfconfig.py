@@ -32,7 +32,7 @@ from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
 from .profiles import DEFAULT_PROFILE, ModelProfile, get_profile, resolve_model
 from .tokens import IMAGE_MAX_PIXELS, record_tokens
-from .writers.llamafactory import read_dataset_info
+from .writers.llamafactory import existing_dataset_info
 
 ARGS_FILE = "llamafactory_args.json"
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -105,7 +105,7 @@ def read_build(build_dir: str | Path) -> BuildDatasets:
     if not info_path.is_file():
         raise LlamaFactoryConfigError(f"{info_path}: missing; rebuild, or restore the dataset_info.json of the build")
     try:
-        info = read_dataset_info(info_path)
+        info = existing_dataset_info(info_path)
     except DatasetInfoError as e:
         raise LlamaFactoryConfigError(str(e)) from None
     splits: dict[str, list[str]] = {}

@@ -155,7 +155,7 @@ def load_adapter(base, adapter: str, model_path: str):
     if not Path(adapter, "adapter_config.json").exists():
         raise TrainError(f"{adapter}: no adapter_config.json; pass the output_dir of `mmdata train`")
     family = family_of_model(base)
-    trained_on = _adapter_family(Path(adapter))
+    trained_on = adapter_family(Path(adapter))
     if trained_on is not None and trained_on != family.model_type:
         raise TrainError(f"{adapter} is a {trained_on} adapter, and --model {model_path} is {family.model_type}: "
                          "pass the model it was trained on")
@@ -167,7 +167,7 @@ def load_adapter(base, adapter: str, model_path: str):
                          f"{saved.get('base_model_name_or_path')}): {str(e).splitlines()[0][:300]}") from None
 
 
-def _adapter_family(adapter: Path) -> str | None:
+def adapter_family(adapter: Path) -> str | None:
     """The model type an adapter was trained on: its run record (in the folder, or the run's folder above a
     ``checkpoint-N``), else the family of the base folder its config names, if that still exists."""
     import json

@@ -24,6 +24,7 @@ from .config import TrainConfig, TrainError
 from .data import LengthGroupedBatchOrder, VisionSFTCollator, build_dataset, read_conversations, resolve_split
 from .loss import NO_POSITIONS, cross_entropy_sum, final_norm, projected_cross_entropy_sum, tap_final_hidden_states
 from .model import (
+    adapter_family,
     attach_lora,
     compile_language_layers,
     enable_checkpointing,
@@ -187,7 +188,7 @@ def _resume_point(config: TrainConfig, model_path: str, family) -> str | None:
         if not complete:
             return None
         chosen = complete[0]
-        skipped = [p.name for p in found if p not in complete and int(p.name[11:]) > int(chosen.name[11:])]
+        skipped = [p.name for p in found[:found.index(chosen)]]  # newer than it, and incomplete
         if skipped:
             warnings.warn(f"{config.output_dir}: {', '.join(skipped)} is incomplete (a save was cut short: no "
                           f"trainer_state.json); resuming from {chosen.name}", stacklevel=2)
@@ -205,11 +206,9 @@ def _refuse_another_runs_checkpoint(checkpoint: Path, config: TrainConfig, model
     changed = [f"{key} {saved.get(peft_key)} -> {value}" for key, peft_key, value in
                (("lora_r", "r", config.lora_r), ("lora_alpha", "lora_alpha", config.lora_alpha))
                if saved.get(peft_key) != value]
-    base = saved.get("base_model_name_or_path")
-    if base and Path(base).is_dir() and Path(base).resolve() != Path(model_path).resolve():
-        other = read_family(base)
-        if other.model_type != family.model_type:
-            changed.append(f"model {base} ({other.model_type}) -> {model_path} ({family.model_type})")
+    trained_on = adapter_family(checkpoint)
+    if trained_on is not None and trained_on != family.model_type:
+        changed.append(f"model {trained_on} -> {model_path} ({family.model_type})")
     if changed:
         raise TrainError(f"{checkpoint} is the checkpoint of another run ({'; '.join(changed)}): resuming would "
                          "continue that run. Pass --no-resume to start over in this folder, or choose another "

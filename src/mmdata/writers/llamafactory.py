@@ -123,7 +123,7 @@ def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
     return found
 
 
-def read_dataset_info(path: Path) -> dict:
+def existing_dataset_info(path: Path) -> dict:
     """An existing ``dataset_info.json`` to merge into ({} when missing or empty); one that mmdata could not rewrite
     without losing something (not JSON, not an object, a key written twice) is a :class:`DatasetInfoError`."""
     if not path.exists() or path.stat().st_size == 0:
@@ -154,7 +154,7 @@ def merge_dataset_info(path: Path, entries: dict[str, dict], overwrite: bool = F
     with locked(path):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # only a lock holder writes these: a killed merge's
             stale.unlink(missing_ok=True)
-        info = read_dataset_info(path)
+        info = existing_dataset_info(path)
         clashes = [n for n, e in entries.items() if n in info and info[n] != e]
         if clashes and not overwrite:
             raise DatasetInfoError(
