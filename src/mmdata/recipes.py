@@ -547,9 +547,9 @@ _NULL_WORDS = {"null", "Null", "NULL", "~"}
 def typed_text(text: str) -> Any:
     """A ``--set`` value: the text as typed, which the recipe's model types for its field (``4`` a count, ``true`` a
     switch, ``0.1`` a share), except a flow collection (``[a, b]``, ``{k: v}``; ``{text}`` stays a prompt template),
-    ``null``/``~`` (unset) and a quoted string, which are read as YAML. Read whole as YAML, text became something else: ``#`` starts a comment (a
-    prompt ``Describe # carefully`` was cut to ``Describe``), ``No`` is false, ``2024-01-01`` a date, ``123`` a number
-    where a name or prompt was meant."""
+    ``null``/``~`` (unset) and a quoted string, which are read as YAML. Read whole as YAML, text became something
+    else: ``#`` starts a comment (a prompt ``Describe # carefully`` was cut to ``Describe``), ``No`` is false,
+    ``2024-01-01`` a date, ``123`` a number where a name or prompt was meant."""
     stripped = text.strip()
     quoted = len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""
     if stripped in _NULL_WORDS or quoted or stripped.startswith(("[", "{")):

@@ -3,8 +3,8 @@
 Encodings: ``auto`` reads a UTF-16 file by its BOM, else tries UTF-8 (with or without BOM), else GB18030 (the usual
 encoding of Chinese CSVs saved by Excel) when the bytes look Chinese; a Western file (cp1252) is refused with the fix
 rather than misread (see :func:`_detect_encoding`); ``encoding: cp1252`` reads it. A UTF-8 file with a damaged byte
-is refused naming that byte, never read as GB18030 or a code page. CRLF line ends are fine. Relative image paths resolve against
-the CSV's folder unless ``image_root`` says otherwise; ``imgs\\a.jpg`` written on Windows works (see
+is refused naming that byte, never read as GB18030 or a code page. CRLF line ends are fine. Relative image paths
+resolve against the CSV's folder unless ``image_root`` says otherwise; ``imgs\\a.jpg`` written on Windows works (see
 :func:`mmdata.normalize.record_path`).
 
 A file with no data rows, or a header that repeats a column name, is refused with the file named: pandas would

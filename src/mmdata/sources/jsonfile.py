@@ -1,9 +1,10 @@
 """JSON / JSONL source for the conversation shapes people already have.
 
 Recognised per record (``shape: auto``): LLaMA-Factory sharegpt ``messages`` (role/content), ``conversations``
-(from/value with human/gpt, or role/value), either with a top-level ``system`` prompt, the tutorial layout whose user turn *is* an image path, and alpaca
-``instruction/input/output`` (+ ``system``, ``history``, ``images``). Each record becomes a row with canonical
-``messages`` ([{role, content}]), ``images``, ``videos`` and ``id``, plus its other top-level keys untouched.
+(from/value with human/gpt, or role/value), either with a top-level ``system`` prompt, the tutorial layout whose
+user turn *is* an image path, and alpaca ``instruction/input/output`` (+ ``system``, ``history``, ``images``). Each
+record becomes a row with canonical ``messages`` ([{role, content}]), ``images``, ``videos`` and ``id``, plus its
+other top-level keys untouched.
 
 Images come from ``images`` or, when that is absent or empty, from a singular ``image`` (a path, a list of paths,
 bytes or an HF ``{bytes, path}`` dict): LLaVA, ShareGPT4V and LLaVA-Med files say ``"image": "coco/x.jpg"``, and
