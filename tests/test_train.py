@@ -510,6 +510,27 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, tmp_path, scope):
     assert curves[True] == pytest.approx(curves[False], rel=2e-3)
 
 
+def test_compiled_vision_blocks_train_like_an_eager_tower(tiny_model, tmp_path):
+    """compile_vision (on by default with compile and flash attention): the frozen tower's blocks compile whole, no
+    graph break, and the loss and eval-loss curves equal those of an eager tower; under SDPA (the tower splits by
+    image on the host) the tower stays eager."""
+    from torch._dynamo.utils import counters
+
+    build = write_build(tmp_path / "mixed", [ONE_TURN, MULTI] * 4, [ONE_TURN])
+    curves = {}
+    for compile_vision in (False, True):
+        counters.clear()
+        record, state = _train_on(tiny_model, build, tmp_path / f"vision_{compile_vision}", max_steps=4,
+                                  lora_dropout=0.0, gradient_accumulation_steps=1, compile=True, eval_steps=2,
+                                  attn_implementation="flash_varlen_torch", compile_vision=compile_vision)
+        assert record["compiled_vision"] is compile_vision
+        assert not counters["graph_break"]
+        curves[compile_vision] = _curve(state) + _curve(state, "eval_loss")
+    assert curves[True] == pytest.approx(curves[False], rel=2e-3)
+    record, _ = _train_on(tiny_model, build, tmp_path / "sdpa", max_steps=1, compile=True, attn_implementation="sdpa")
+    assert record["compiled"] and record["compiled_vision"] is False
+
+
 def test_compiled_whole_layers_train_with_dropout_as_without_checkpointing(tiny_model, tmp_path):
     """compile_scope: layers with LoRA dropout: the trainer checkpoints keeping the dropout masks, so a checkpointed
     run's loss curve is the one without checkpointing (a recomputation that drew new masks would change every

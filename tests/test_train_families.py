@@ -258,6 +258,35 @@ def test_lora_targets_and_hooks_find_each_familys_modules(tiny_models, processor
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_frozen_vision_blocks_compile_whole_and_equal_the_eager_tower(tiny_models, processors, mixed_build, family):
+    """``compile_vision_blocks`` under flash_varlen_torch: every block of each family's tower compiles without a
+    graph break (the tower computes its attention boundaries outside the blocks), a micro-batch of other image
+    sizes reuses the shape-generic graphs, and the features (Qwen3-VL: DeepStack ones too) equal the eager tower's."""
+    from torch._dynamo.utils import counters
+
+    from mmdata.train.model import attach_lora, compile_vision_blocks, load_model, run_frozen_vision_without_grad
+
+    config = load_train_config(None, model="m", dataset="d")
+    model = attach_lora(load_model(str(tiny_models[family]), dtype=torch.float32, attn="flash_varlen_torch"), config)
+    assert run_frozen_vision_without_grad(model)
+    visual = model.get_base_model().model.visual
+    dataset, _ = _dataset(processors[family], mixed_build)
+    batches = [VisionSFTCollator(processors[family].tokenizer.pad_token_id)(rows)
+               for rows in ([dataset[0], dataset[1]], [dataset[1]])]
+    run = lambda b: list(_tensors(visual(b["pixel_values"], grid_thw=b["image_grid_thw"])))  # noqa: E731
+    eager = [run(b) for b in batches]
+    compile_vision_blocks(model)
+    counters.clear()
+    compiled = [run(b) for b in batches]
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] <= 3 * len(visual.blocks)  # not one more graph per micro-batch
+    for want, got in zip(eager, compiled, strict=True):
+        assert len(want) == len(got)
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value

@@ -51,6 +51,8 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("--lora-vision", action="store_true", default=None)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
     p.add_argument("--lora-merger", action="store_true", default=None)
+    p.add_argument("--no-compile-vision", dest="compile_vision", action="store_false", default=None,
+                   help="with --compile on, leave the frozen vision tower eager")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over even if output-dir has checkpoints")
     p.add_argument("--resume-from", dest="resume", default=None, help="continue from this checkpoint folder")
@@ -100,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     fields = ["model", "dataset", "output_dir", "use_dora", "lora_vision", "lora_merger", "gradient_checkpointing",
-              "resume", "packing"]
+              "resume", "packing", "compile_vision"]
     fields += [flag[2:].replace("-", "_") for flag in _TRAIN_FLAGS]
     config = load_train_config(args.config, **{f: getattr(args, f) for f in fields})
     record = train(config)

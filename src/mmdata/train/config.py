@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
         "auto", description="torch.compile every language-model layer, as compile_scope says (fewer, fused "
                             "kernels; the first step pays about a minute of compiling). auto: on a CUDA GPU "
                             "with Triton, without QLoRA, DeepSpeed or FSDP")
+    compile_vision: bool = Field(
+        True, description="with compile on and flash attention (flash_varlen_torch, flash_attention_2), also "
+                          "torch.compile each block of the frozen vision tower (fused norms, rotary embedding and "
+                          "activation); false: the tower runs eager")
 
     # bookkeeping
     eval_steps: int | None = Field(None, ge=1, description="evaluate on the val split every N steps")

@@ -27,6 +27,7 @@ from .model import (
     adapter_family,
     attach_lora,
     compile_language_layers,
+    compile_vision_blocks,
     enable_checkpointing,
     ensure_chat_template,
     load_model,
@@ -257,11 +258,17 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
                                trainer_checkpoints=not own_checkpointing)
     model = attach_lora(load_model(model_path, dtype=dtype, attn=attn, quantization_bit=config.quantization_bit),
                         config, adapter_dtype)
-    run_frozen_vision_without_grad(model)
+    frozen_vision = run_frozen_vision_without_grad(model)
     if own_checkpointing:
         enable_checkpointing(model, keep_dropout=True)
     if compiled:
         compile_language_layers(model, config.compile_scope)
+    # vision blocks compile whole only where attention takes the tower's boundaries (the flash kinds); under SDPA
+    # the tower splits its patches image by image on the host, a graph break in every block
+    vision_compiled = (compiled and frozen_vision and config.compile_vision
+                       and attn in ("flash_attention_2", ATTENTION_NAME))
+    if vision_compiled:
+        compile_vision_blocks(model)
     trainer = (trainer_class or _trainer_class())(
         callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
@@ -281,6 +288,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
         "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
         "compiled": compiled,
         "compile_scope": config.compile_scope if compiled else None,
+        "compiled_vision": vision_compiled,
         "metrics": result.metrics,
         "global_step": trainer.state.global_step,
     }
