@@ -303,7 +303,8 @@ def run_tutorial(root: Path, kind: str, steps: int, warmup: int) -> dict:
 def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = "qwen2_vl", batch: int = 16,
                accum: int = 1, batching: str = "auto", attn: str = "auto", adapter_dtype: str = "auto",
                compile: str = "auto", compile_scope: str = "layers", deepspeed: str | None = None,
-               checkpointing: bool = True, out: Path | None = None) -> dict:
+               checkpointing: bool = True, compile_vision: bool = True, lora_dropout: float = 0.05,
+               out: Path | None = None) -> dict:
     import gc
 
     import torch
@@ -317,16 +318,17 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
         torch.cuda.reset_peak_memory_stats()
     clock, instrument = step_clock(eos_id=EOS_ID, pad_id=PAD_ID)
     output_dir = out or root / (f"out_mmdata_{family}_{kind}_{batch}x{accum}_{batching}_{attn}_{adapter_dtype}_"
-                                f"{compile}_{compile_scope}" + ("" if checkpointing else "_nockpt"))
+                                f"{compile}_{compile_scope}" + ("" if checkpointing else "_nockpt")
+                                + ("" if compile_vision else "_eagervision") + ("" if lora_dropout else "_nodrop"))
     folder = FAMILIES[family][1]
     config = load_train_config(
         None, model=str(root / folder), dataset=str(root / kind), output_dir=str(output_dir),
-        max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+        max_steps=steps, learning_rate=1e-4, lora_r=64, lora_alpha=16, lora_dropout=lora_dropout, target_modules=TARGETS,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, gradient_checkpointing=checkpointing,
         precision="bf16" if torch.cuda.is_available() else "fp32", logging_steps=1, save_steps=10_000, resume=False,
         max_samples=batch * accum * steps, cutoff_len=_build_cutoff(root, kind, family), deepspeed=deepspeed,
         batching=batching, attn_implementation=attn, dataloader_num_workers=8, lr_scheduler_type="linear",
-        adapter_dtype=adapter_dtype, compile=compile, compile_scope=compile_scope)
+        adapter_dtype=adapter_dtype, compile=compile, compile_scope=compile_scope, compile_vision=compile_vision)
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
@@ -335,7 +337,8 @@ def run_mmdata(root: Path, kind: str, steps: int, warmup: int, *, family: str = 
     name = (f"mmdata/{_label(kind, family)}/{batch}x{accum}/{record['batching']}/{record['attn_implementation']}/"
             f"{record['adapter_dtype']}/{'compiled' if record['compiled'] else 'eager'}"
             + (f"/{record['compile_scope']}" if record["compiled"] else "")
-            + (f"/{Path(deepspeed).stem}" if deepspeed else "") + ("" if checkpointing else "/no-checkpointing"))
+            + (f"/{Path(deepspeed).stem}" if deepspeed else "") + ("" if checkpointing else "/no-checkpointing")
+            + ("/vision-compiled" if record.get("compiled_vision") else "") + ("" if lora_dropout else "/lora-dropout-0"))
     return summarise(name, clock, warmup, _flops_of(root / folder), kind=kind, family=family,
                      packing=record["batching"],
                      dropped=record["data"]["train"]["dropped"],
@@ -366,7 +369,9 @@ def _mmdata_runs(spec: str) -> list[dict]:
     After the shape, in any order: ``pad``/``pack`` (batching), ``sdpa``/``varlen`` (attention; default auto),
     an adapter dtype (``bf16``/``fp32``), ``eager``/``compiled`` (compile false/true; default auto), ``layers``/
     ``parts`` (compile_scope; default layers), ``nockpt`` (no gradient checkpointing: MFU without recomputation,
-    at more memory; the peer table keeps checkpointing on both sides). Unnamed options take the trainer's defaults."""
+    at more memory; the peer table keeps checkpointing on both sides), ``eagervision`` (``compile_vision: false``),
+    ``nodrop`` (``lora_dropout: 0``, LLaMA-Factory's default; the issue's setting is 0.05).
+    Unnamed options take the trainer's defaults."""
     runs = []
     for item in spec.split(","):
         kind, shape, *options = item.split(":")
@@ -385,6 +390,10 @@ def _mmdata_runs(spec: str) -> list[dict]:
                 run["compile"] = {"eager": "false", "compiled": "true"}[option]
             elif option == "nockpt":
                 run["checkpointing"] = False
+            elif option == "eagervision":
+                run["compile_vision"] = False
+            elif option == "nodrop":
+                run["lora_dropout"] = 0.0
             else:
                 raise SystemExit(f"--mmdata {item}: unknown option {option!r}")
         runs.append(run)
@@ -468,13 +477,13 @@ def _micro_batch(root: Path, kind: str, batch: int, pack: bool = False) -> dict:
 
     dataset, processor = _encoded(root, kind, root / MODEL_DIR, cutoff_len=2048, max_samples=batch)
     collated = VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack)([dataset[i] for i in range(batch)])
-    return {k: v.cuda() for k, v in collated.items()}
+    return {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collated.items()}  # packed_max_length: an int
 
 
 def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_layers: bool = True,
-                        pack: bool = False, scope: str = "layers") -> str:
-    """One micro-batch's forward + backward as the trainer runs it (its attention: ``pick_attention("auto")``),
-    timed and under torch.profiler."""
+                        pack: bool = False, scope: str = "layers", checkpointing: bool = True) -> str:
+    """One micro-batch's forward + backward as the trainer runs it (its attention: ``pick_attention("auto")``, the
+    vision blocks compiled with the layers), timed and under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -483,6 +492,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     from mmdata.train.model import (
         attach_lora,
         compile_language_layers,
+        compile_vision_blocks,
         enable_checkpointing,
         load_model,
         pick_attention,
@@ -494,11 +504,13 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     attn = pick_attention("auto")
     config = load_train_config(None, model=str(model_dir), dataset="x", target_modules=TARGETS)
     model = attach_lora(load_model(str(model_dir), dtype=torch.bfloat16, attn=attn), config, torch.bfloat16).cuda()
-    enable_checkpointing(model, keep_dropout=compile_layers and scope == "layers")  # as the trainer does
+    if checkpointing:
+        enable_checkpointing(model, keep_dropout=compile_layers and scope == "layers")  # as the trainer does
     model.train()
     run_frozen_vision_without_grad(model)
     if compile_layers:
         compile_language_layers(model, scope)
+        compile_vision_blocks(model)
     batch_t.pop("labels")
     positions, targets = batch_t.pop("label_positions"), batch_t.pop("target_labels")
     norm, head = final_norm(model), model.get_output_embeddings()
@@ -526,17 +538,18 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     visual = base.model.visual if hasattr(base.model, "visual") else base.visual
     lines = [f"micro-batch {batch} x {kind} ({'packed' if pack else 'padded'}, {attn}): "
              f"{batch_t['input_ids'].shape[1]} tokens/row, {targets.numel()} labelled, "
-             f"layers {f'compiled ({scope})' if compile_layers else 'eager'}"]
+             f"layers {f'compiled ({scope})' if compile_layers else 'eager'}, "
+             f"{'' if checkpointing else 'no '}gradient checkpointing"]
     with torch.no_grad():
         lines.append(f"vision tower forward: {timed(lambda: visual(batch_t['pixel_values'].to(torch.bfloat16), grid_thw=batch_t['image_grid_thw'])):.1f} ms")
         lines.append(f"full forward (no grad): {timed(forward):.1f} ms")
-    lines.append(f"forward+backward (checkpointing): {timed(step):.1f} ms")
+    lines.append(f"forward+backward: {timed(step):.1f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     text = "\n".join(lines) + "\n" + table
-    (out / f"profile_{kind}_{'pack' if pack else 'pad'}_{scope}.txt").write_text(text)
+    (out / f"profile_{kind}_{'pack' if pack else 'pad'}_{scope}{'' if checkpointing else '_nockpt'}.txt").write_text(text)
     return "\n".join(lines)
 
 
@@ -607,10 +620,11 @@ def cmd_peers(args) -> None:
         except Exception as e:  # keep going: one failure must not lose the other figures
             record({"run": f"mmdata/{kind}/{run}", "error": repr(e)[:500]})
     for spec in args.profile.split(",") if args.profile else ():
-        kind, batch, batching, *scope = spec.split(":")
+        kind, batch, batching, *options = spec.split(":")
         try:
             print(profile_mmdata_step(root, kind, int(batch), out, pack=batching == "pack",
-                                      scope=scope[0] if scope else "layers"), flush=True)
+                                      scope="parts" if "parts" in options else "layers",
+                                      checkpointing="nockpt" not in options), flush=True)
         except Exception as e:
             print("profile failed", repr(e)[:300], flush=True)
     for kind in args.tutorial.split(",") if args.tutorial else ():
@@ -697,7 +711,7 @@ def main() -> None:
                              "[:layers|parts]")
     parser.add_argument("--tutorial", default="latex,med", help="tutorial runs ('' for none)")
     parser.add_argument("--tutorial-steps", type=int, default=6)
-    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack[:layers|parts], comma-separated")
+    parser.add_argument("--profile", default="", help="profile one micro-batch: kind:batch:pad|pack[:layers|parts][:nockpt], comma-separated")
     parser.add_argument("--check-replay", action="store_true",
                         help="first compare adapter gradients with and without checkpointing (compiled layers)")
     parser.add_argument("--backend", choices=["single", "ddp", "zero2", "zero3"], default="ddp")
