@@ -136,3 +136,54 @@ def test_report_of_a_dedup_build_shows_duplicate_clusters_side_by_side(source, t
     biggest = stats["shown"][0]
     assert biggest["copies"] == stats["largest"] - 1 and biggest["kept"]["images"]
     assert all(c["copies"] <= biggest["copies"] for c in stats["shown"])
+
+
+def test_a_reference_with_nothing_readable_is_an_error_and_a_partly_readable_one_says_so(source, row_split, tmp_path,
+                                                                                        capsys):
+    """A benchmark copied without its images (or without its data files, or an empty registry) compared nothing:
+    it must not pass as "no leak found" (exit 8, in check-leakage and, before the source is read, in a build's
+    dedup.against); a reference with some images missing is compared and says how many were left out."""
+    import shutil
+
+    bench = mmdata.build(str(recipe(source, "bench", max_samples=12)), output__dir=str(tmp_path / "bench"),
+                         num_proc=1).output_dir
+    no_images = tmp_path / "no_images"
+    no_images.mkdir()
+    shutil.copytree(bench / "bench", no_images / "bench")
+    shutil.copy(bench / "dataset_info.json", no_images / "dataset_info.json")
+    assert main(["check-leakage", str(row_split), "--against", str(no_images / "dataset_info.json"),
+                 "--fail-on-leak"]) == 8
+    assert "none of its" in capsys.readouterr().err
+    no_files = tmp_path / "no_files"
+    no_files.mkdir()
+    shutil.copy(bench / "dataset_info.json", no_files / "dataset_info.json")
+    (tmp_path / "empty.json").write_text("{}")
+    for reference in (no_files / "dataset_info.json", tmp_path / "empty.json"):
+        assert main(["check-leakage", str(row_split), "--against", str(reference)]) == 8
+        assert "nothing to compare against" in capsys.readouterr().err
+
+    partly = tmp_path / "partly"
+    shutil.copytree(bench, partly)
+    images = sorted((partly / "images").rglob("*.*"))
+    images[0].unlink()
+    report = check_leakage(row_split, against=[str(partly / "dataset_info.json")])
+    assert report["against"][0]["unreadable_images"] >= 1
+    assert main(["check-leakage", str(row_split), "--against", str(partly / "dataset_info.json")]) == 0
+    assert "could not be read and were left out" in capsys.readouterr().out
+
+    build = recipe(source, "guarded", dedup={"mode": "image", "against": [str(no_files / "dataset_info.json")]})
+    with pytest.raises(mmdata.MmdataError, match="nothing to compare against"):
+        mmdata.build(str(build), output__dir=str(tmp_path / "guarded"), num_proc=1)
+    assert not (tmp_path / "guarded").exists()  # refused before the source was read
+    build = recipe(source, "warned", dedup={"mode": "image", "against": [str(partly / "dataset_info.json")]})
+    with pytest.warns(mmdata.BuildWarning, match="dedup.against could not be read"):
+        result = mmdata.build(str(build), output__dir=str(tmp_path / "warned"), num_proc=1)
+    assert result.counts["unreadable_reference_images"] >= 1
+
+
+def test_threshold_outside_the_recipe_range_is_refused_at_parse_time(row_split, capsys):
+    for value in ("-5", "33", "96"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["check-leakage", str(row_split), "--near", "--threshold", value])
+        assert exit_info.value.code == 2
+        assert "must be 0-32" in capsys.readouterr().err

@@ -101,8 +101,9 @@ def image_key_of_file(path: str | os.PathLike) -> int:
 
 
 def value_key(value: object) -> int | None:
-    """64-bit key of a raw field value (``split.group_by: <field>``); None when the row has no value."""
-    if value is None:
+    """64-bit key of a raw field value (``split.group_by: <field>``); None when the row has no value: missing, null,
+    NaN, or a blank string (a CSV cell cannot say null any other way, and blank cells must not form one group)."""
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
         return None
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
@@ -114,6 +115,13 @@ _DCT = np.cos(np.pi * (2 * np.arange(_SIDE)[None, :] + 1) * np.arange(_SIDE)[:, 
 
 #: A near pair's 256-bit hashes may differ in at most this many bits per bit of ``threshold`` (50 of 256 at 10).
 FINE_PER_BIT = 5
+
+#: An 8-bit image whose 32 x 32 thumbnail varies less than this (standard deviation of its gray levels) has too
+#: little content for a DCT hash: its AC coefficients are rounding noise (a flat swatch) or one small blob (a short
+#: word on a blank page), so distinct images of the kind hash alike. It is matched by its pixels instead
+#: (:func:`perceptual_hash`). Measured: flat colours 0, one 8-character word on a 512 x 512 page 5.5-6.6, a line of
+#: 30 characters 10.5-12.5, LaTeX_OCR formulas 12.1 and more (docs/quality.md).
+LOW_DETAIL_STD = 10.0
 
 
 def phash(image: bytes | str | os.PathLike) -> int:
@@ -132,6 +140,12 @@ def perceptual_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, in
     ``imagehash.phash`` (which decodes everything and needs scipy) and within 0.3 bits of it (docs/quality.md).
     16-bit and float images are hashed from their values, not from a clipped 8-bit view; transparent ones over
     white.
+
+    An 8-bit image with almost no content (thumbnail spread below :data:`LOW_DETAIL_STD`) gets, instead, five words
+    of a hash of its pixels (:func:`_pixel_hash`): copies with the same pixels match it, and any other image is as
+    far from it as a random hash is (~32 bits), so blank pages, flat swatches and short words on white are never
+    taken for each other's near copies (they were: a pHash of noise). Their re-encoded or resized copies are then
+    missed, the safe side: a record is kept, never dropped for a look-alike.
     """
     from PIL import Image
 
@@ -148,10 +162,26 @@ def perceptual_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, in
         else:
             gray = img.convert("L")
         small = gray.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)  # box-reduce first
-    dct = _DCT @ np.asarray(small, dtype=np.float64) @ _DCT.T
+    pixels = np.asarray(small, dtype=np.float64)
+    if small.mode == "L" and pixels.std() < LOW_DETAIL_STD:
+        return _pixel_hash(image)
+    dct = _DCT @ pixels @ _DCT.T
     coarse, fine = dct[:8, :8].ravel(), dct[:16, :16].ravel()
     words = np.packbits(np.concatenate([coarse > np.median(coarse[1:]), fine > np.median(fine[1:])])).view(">u8")
     return tuple(int(w) for w in words)
+
+
+def _pixel_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, int, int]:
+    """Five words of a hash of the full-size colour pixels at 16 levels per channel: what a low-detail image is
+    matched by (:data:`LOW_DETAIL_STD`). Colour, because grayscale makes red and green one swatch; full size, because
+    a short word on a page is below a thumbnail's resolution."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8) // 16
+    digest = hashlib.blake2b(b"mmdata-low-detail" + np.array(rgb.shape, dtype="<u4").tobytes() + rgb.tobytes(),
+                             digest_size=40).digest()
+    return tuple(int(w) for w in np.frombuffer(digest, dtype=">u8"))
 
 
 # ----------------------------------------------------------------------------------------------- staged per task

@@ -81,6 +81,9 @@ class BuildResult:
         if not c["read"] - c.get("skipped", 0):
             return ("the source yielded no rows" + (f" (its where: filter left out all {c['skipped']})"
                                                    if c.get("skipped") else "") + ": nothing was written")
+        if not _failed(c):  # dedup dropped every record on purpose: the recipe's fields are not the cause
+            return (f"no record was written: dedup dropped all {c['rejected']} ({_reasons(c)}): each repeats another "
+                    f"record or one of dedup.against; see {self.output_dir / 'rejects.jsonl'}")
         return (f"no record was written: all {c['rejected']} were rejected ({_reasons(c)}). That usually means the "
                 "recipe, not the data, is wrong (a field name, a {placeholder} in the prompt); see "
                 f"{self.output_dir / 'rejects.jsonl'}")
@@ -97,6 +100,9 @@ class BuildResult:
                          f"{self.output_dir / 'rejects.jsonl'}, or set max_rejected to fail such builds")
         for split, asked in c.get("unfilled_splits", {}).items():
             found.append(_unfilled(split, asked, c["written"]))
+        if c.get("unreadable_reference_images"):
+            found.append(f"{c['unreadable_reference_images']:,} image(s) of dedup.against could not be read (missing "
+                         "or damaged files): a record of this build holding a copy of one of them was not dropped")
         return found
 
     @property
@@ -117,8 +123,9 @@ def _unfilled(split: str, asked: int | float, written: int) -> str:
         return (f"no record went to {split}: split.{split}: {asked} of {written} written records rounds to 0; set "
                 f"split.{split} to a count (split.{split}: 1) or a larger share")
     return (f"no record went to {split}: split.{split}: {asked} asks for {_size(asked, written)} of {written} "
-            "records, but split.group_by keeps each group whole and every group is larger (one image under all "
-            f"records?); group by something finer, or drop split.group_by")
+            "records, but split.group_by keeps each group whole and none of the groups left fitted (groups fill val, "
+            "then test, in a seeded order; one image under all records?); group by something finer, change "
+            "split.val/split.test or split.seed, or drop split.group_by")
 
 
 #: A build that rejects more than this share of its rows says so (``BuildResult.warnings``).
@@ -305,6 +312,8 @@ def _manifest(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
         counts["skipped_by_reason"] = skipped
     if by_source:
         counts["by_source"] = dict(sorted(by_source.items()))
+    if quality and quality.unreadable_reference_images:
+        counts["unreadable_reference_images"] = quality.unreadable_reference_images
     assert counts["read"] == counts["written"] + counts["rejected"] + counts.get("skipped", 0), counts
     budget = token_budget(recipe)
     for s in stats:
@@ -471,6 +480,7 @@ class _Quality:
     tokens: dict | None
     max_answer: int
     sections: dict
+    unreadable_reference_images: int = 0  # dedup.against images that could not be read (a warning)
 
 
 _SPLIT_CODE = {split: code for code, split in enumerate(SPLITS)}
@@ -601,7 +611,7 @@ def _finalize_with_fingerprints(layout: Layout, recipe: Recipe, fingerprint: str
     tokens, max_answer = None, 0
     if dropped.any():
         tokens, max_answer = _kept_tokens(recipe, kept_fp.tokens), int(kept_fp.answer_tokens.max(initial=0))
-    quality = _Quality(reasons, by_source, tokens, max_answer, sections)
+    quality = _Quality(reasons, by_source, tokens, max_answer, sections, reference.unreadable if reference else 0)
     return _register(layout, recipe, fingerprint, num_tasks, stats, written, keys, strict, quality)
 
 

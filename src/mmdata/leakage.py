@@ -144,10 +144,10 @@ def read_datasets(info_path: str | os.PathLike, names: list[str] | None = None, 
     attrs, used, skipped = {}, [], []
     key_of: dict[str, int | None] = {}
     phash_of: dict[int, tuple | None] = {}
-    unreadable = 0
+    referenced, unreadable, first_unreadable = 0, 0, None
     for name in wanted:
-        attr = lfdata.parse_entry(name, info[name]) if isinstance(info[name], dict) else None
-        if attr is None or attr.load_from != "file" or not all(p.exists() for p in lfdata.data_files(media_dir, attr)):
+        attr = _local_entry(media_dir, info, name)
+        if attr is None:
             if names is not None:
                 raise LeakageError(f"{info_path}: dataset {name} has no local files to read")
             skipped.append(name)
@@ -166,9 +166,11 @@ def read_datasets(info_path: str | os.PathLike, names: list[str] | None = None, 
                 for rel in images:
                     if not isinstance(rel, str):
                         continue
+                    referenced += 1
                     key = _image_key(media_dir, rel, named_by_content, key_of)
                     if key is None or (near and _phash(media_dir, rel, key, phash_of) is None):
                         unreadable += 1
+                        first_unreadable = first_unreadable or _resolve(media_dir, rel)
                         continue
                     keys.append(key)
                     if near:
@@ -180,12 +182,25 @@ def read_datasets(info_path: str | os.PathLike, names: list[str] | None = None, 
                 dataset.append(code)
                 index.append(n)
                 n += 1
+    if names is None and not used:
+        raise LeakageError(_nothing_local(info_path, skipped))
+    if referenced and unreadable == referenced:  # compared by text alone, a moved image folder would pass
+        raise LeakageError(f"{info_path}: none of its {referenced:,} image(s) could be read (first: {first_unreadable});"
+                           " put its image folder back beside it")
     fp = Fingerprints(np.array(position, dtype=np.int64), np.array(text, dtype=np.uint64),
                       np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
                       np.array(image, dtype=np.uint64),
                       np.array(phashes, dtype=np.uint64).reshape(-1, 5) if near else None)
     return Records(origin or str(info_path), fp, used, np.array(dataset, dtype=np.int32),
                    np.array(index, dtype=np.int64), None, media_dir, attrs, unreadable, skipped)
+
+
+def _local_entry(media_dir: Path, info: dict, name: str) -> lfdata.DatasetAttr | None:
+    """The parsed entry ``name`` when its data files are here on disk, else None (hub or missing entries)."""
+    attr = lfdata.parse_entry(name, info[name]) if isinstance(info[name], dict) else None
+    if attr is None or attr.load_from != "file" or not all(p.exists() for p in lfdata.data_files(media_dir, attr)):
+        return None
+    return attr
 
 
 def _resolve(media_dir: Path, rel: str) -> Path:
@@ -219,21 +234,49 @@ def _phash(media_dir: Path, rel: str, key: int, cache: dict[int, tuple | None]) 
 def read_reference(spec: str, near: bool = False, base_dir: str | os.PathLike | None = None) -> Records:
     """``--against`` / ``dedup.against``: a build folder, a ``dataset_info.json`` (or its folder), optionally
     ``#name1,name2`` to pick entries."""
+    target, names = _reference_target(spec, base_dir)
+    if (target / MANIFEST).is_file() and names is None:
+        records = read_build(target, near=near)
+        records.split = None
+        return records
+    return read_datasets(target, names, near=near, origin=spec)
+
+
+def check_reference(spec: str, base_dir: str | os.PathLike | None = None) -> None:
+    """Fail before a build reads its source when a ``dedup.against`` reference has nothing to read: a wrong path,
+    or a ``dataset_info.json`` whose picked (or, unpicked, every) entry lacks local files. Its images are read,
+    and checked, when the build finalises."""
+    target, names = _reference_target(spec, base_dir)
+    if (target / MANIFEST).is_file() and names is None:
+        return
+    info_path = target / lfdata.DATA_CONFIG if target.is_dir() else target
+    info = lfdata.read_dataset_info(info_path)
+    wanted = names if names is not None else list(info)
+    missing = [n for n in wanted if n not in info or _local_entry(info_path.parent, info, n) is None]
+    if names is not None and missing:
+        raise LeakageError(f"{info_path}: dataset {', '.join(missing)} has no local files to read")
+    if not wanted or len(missing) == len(wanted):
+        raise LeakageError(_nothing_local(info_path, missing))
+
+
+def _nothing_local(info_path: Path, entries: list[str]) -> str:
+    listed = ", ".join(entries) if entries else "it has no entries"
+    return f"{info_path}: no entry has local files to read ({listed}): nothing to compare against"
+
+
+def _reference_target(spec: str, base_dir: str | os.PathLike | None) -> tuple[Path, list[str] | None]:
+    """The path a reference spec names (relative to ``base_dir``), checked to exist, and its picked entries."""
     path, _, picked = spec.partition("#")
     names = [n.strip() for n in picked.split(",") if n.strip()] or None
     target = Path(path).expanduser()
     if not target.is_absolute() and base_dir is not None:
         target = Path(base_dir) / target
     target = target.resolve()
-    if (target / MANIFEST).is_file() and names is None:
-        records = read_build(target, near=near)
-        records.split = None
-        return records
-    if target.is_dir() and not (target / lfdata.DATA_CONFIG).is_file():
+    if target.is_dir() and not (target / MANIFEST).is_file() and not (target / lfdata.DATA_CONFIG).is_file():
         raise LeakageError(f"{target}: neither a build folder ({MANIFEST}) nor a folder with {lfdata.DATA_CONFIG}")
     if not target.exists():
         raise LeakageError(f"{target}: not found (pass a build folder or a dataset_info.json)")
-    return read_datasets(target, names, near=near, origin=spec)
+    return target, names
 
 
 def build_records_for_dedup(specs: list[str], near: bool, base_dir: str | None) -> tuple[Records | None, list[str]]:
@@ -247,7 +290,8 @@ def build_records_for_dedup(specs: list[str], near: bool, base_dir: str | None) 
         codes.append(p.dataset + offset)
         offset += len(p.names)
     merged = Records(", ".join(specs), Fingerprints.concat([p.fp for p in parts]), names,
-                     np.concatenate(codes).astype(np.int32), np.concatenate([p.index for p in parts]))
+                     np.concatenate(codes).astype(np.int32), np.concatenate([p.index for p in parts]),
+                     unreadable=sum(p.unreadable for p in parts))
     return merged, names
 
 
@@ -369,6 +413,9 @@ def format_leakage(report: dict) -> str:
         block(f"this build vs {result['against']}", result)
         if result["skipped_datasets"]:
             lines.append(f"    (entries without local files, not read: {', '.join(result['skipped_datasets'])})")
+        if result["unreadable_images"]:
+            lines.append(f"    {result['unreadable_images']:,} image(s) of {result['against']} could not be read and "
+                         "were left out: records holding them were compared by their text and other images only")
     if report["unreadable_images"]:
         lines.append(f"  {report['unreadable_images']:,} image(s) of the build could not be read and were left out")
     lines.append(f"  total: {report['leaks']:,} leaking record(s)" + ("" if report["leaks"] else " - no leak found"))
@@ -393,6 +440,17 @@ def cmd_check_leakage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold(text: str) -> int:
+    """``--threshold``: bits of the 64-bit pHash, within the range ``dedup.threshold`` allows (0-32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0-32 bits (of the 64-bit pHash), as dedup.threshold")
+    return value
+
+
 def add_check_leakage_command(subparsers) -> None:
     p = subparsers.add_parser("check-leakage", help="count val/test records that share images or text with train "
                                                     "(and a build's records with other datasets)")
@@ -402,8 +460,8 @@ def add_check_leakage_command(subparsers) -> None:
                         "(repeatable)")
     p.add_argument("--near", action="store_true", help="also near copies (perceptual hash; decodes every image "
                                                       "unless the build was made with dedup: near)")
-    p.add_argument("--threshold", type=int, default=None,
-                   help=f"near: largest pHash distance in bits (default: the build's, else {NEAR_THRESHOLD})")
+    p.add_argument("--threshold", type=_threshold, default=None,
+                   help=f"near: largest pHash distance in bits, 0-32 (default: the build's, else {NEAR_THRESHOLD})")
     p.add_argument("--examples", type=positive_int, default=EXAMPLES, help=f"examples kept per kind (default {EXAMPLES})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fail-on-leak", action="store_true", help=f"exit {LeaksFound.exit_code} when any leak is found "

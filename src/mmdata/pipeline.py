@@ -118,6 +118,11 @@ def _build_recipe(recipe: Recipe, num_proc: int | None, shard: tuple[int, int], 
             return result
         if shard_count == 1:
             check_names_free(layout, recipe)  # before anything is written, not after the data
+        if recipe.dedup is not None:
+            from .leakage import check_reference
+
+            for spec in recipe.dedup.against:  # a wrong reference fails now, not after the whole source is read
+                check_reference(spec, recipe.base_dir)
         claim_output(layout, recipe, fingerprint, rebuild, lock)
         lock.claimed()
         num_tasks, rows_read = _run_tasks(recipe, layout, source, shard, engine, num_proc, quiet)

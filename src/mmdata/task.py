@@ -335,6 +335,8 @@ def _store_image(path: Path, task: int, data: bytes | None = None, link: Path | 
         except OSError:  # another filesystem, or hard links not allowed there
             shutil.copyfile(link, tmp)
     os.replace(tmp, path)
+    # renaming a name onto another hard link of the same file does nothing (POSIX rename), and leaves ``tmp``
+    tmp.unlink(missing_ok=True)
 
 
 def _apply_filters(recipe: Recipe, draft: Draft, images: list[_PreparedImage]) -> None:
