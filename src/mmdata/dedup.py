@@ -116,12 +116,12 @@ _DCT = np.cos(np.pi * (2 * np.arange(_SIDE)[None, :] + 1) * np.arange(_SIDE)[:, 
 #: A near pair's 256-bit hashes may differ in at most this many bits per bit of ``threshold`` (50 of 256 at 10).
 FINE_PER_BIT = 5
 
-#: An 8-bit image whose 32 x 32 thumbnail varies less than this (standard deviation of its gray levels) has too
-#: little content for a DCT hash: its AC coefficients are rounding noise (a flat swatch) or one small blob (a short
-#: word on a blank page), so distinct images of the kind hash alike. It is matched by its pixels instead
-#: (:func:`perceptual_hash`). Measured: flat colours 0, one 8-character word on a 512 x 512 page 5.5-6.6, a line of
-#: 30 characters 10.5-12.5, LaTeX_OCR formulas 12.1 and more (docs/quality.md).
-LOW_DETAIL_STD = 10.0
+#: An 8-bit image whose 32 x 32 thumbnail has at most this many pixels (of 1,024) more than 16 gray levels away from
+#: its median has too little content for a DCT hash: its AC coefficients are rounding noise (a flat swatch) or one
+#: small blob (a short word on a blank page), so distinct images of the kind hash alike. It is matched by its pixels
+#: instead (:func:`perceptual_hash`). Measured: flat colours 0, one 8-character word on a 512 x 512 page 7-9, a line
+#: of 30 characters 25-33, the benchmark's 400 photo-like images 16 and more, LaTeX_OCR formulas 25 and more.
+LOW_DETAIL_PIXELS = 12
 
 
 def phash(image: bytes | str | os.PathLike) -> int:
@@ -141,7 +141,7 @@ def perceptual_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, in
     16-bit and float images are hashed from their values, not from a clipped 8-bit view; transparent ones over
     white.
 
-    An 8-bit image with almost no content (thumbnail spread below :data:`LOW_DETAIL_STD`) gets, instead, five words
+    An 8-bit image with almost no content (:data:`LOW_DETAIL_PIXELS`) gets, instead, five words
     of a hash of its pixels (:func:`_pixel_hash`): copies with the same pixels match it, and any other image is as
     far from it as a random hash is (~32 bits), so blank pages, flat swatches and short words on white are never
     taken for each other's near copies (they were: a pHash of noise). Their re-encoded or resized copies are then
@@ -163,7 +163,7 @@ def perceptual_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, in
             gray = img.convert("L")
         small = gray.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)  # box-reduce first
     pixels = np.asarray(small, dtype=np.float64)
-    if small.mode == "L" and pixels.std() < LOW_DETAIL_STD:
+    if small.mode == "L" and np.count_nonzero(np.abs(pixels - np.median(pixels)) > 16) <= LOW_DETAIL_PIXELS:
         return _pixel_hash(image)
     dct = _DCT @ pixels @ _DCT.T
     coarse, fine = dct[:8, :8].ravel(), dct[:16, :16].ravel()
@@ -173,7 +173,7 @@ def perceptual_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, in
 
 def _pixel_hash(image: bytes | str | os.PathLike) -> tuple[int, int, int, int, int]:
     """Five words of a hash of the full-size colour pixels at 16 levels per channel: what a low-detail image is
-    matched by (:data:`LOW_DETAIL_STD`). Colour, because grayscale makes red and green one swatch; full size, because
+    matched by (:data:`LOW_DETAIL_PIXELS`). Colour, because grayscale makes red and green one swatch; full size, because
     a short word on a page is below a thumbnail's resolution."""
     from PIL import Image
 
