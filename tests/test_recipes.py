@@ -134,3 +134,30 @@ def load_recipe_text(overrides):
 
     folder = Path(tempfile.mkdtemp())
     return load_recipe(write_recipe(folder / "r.yaml", BASE), overrides, from_text=True)
+
+
+def test_a_folder_named_like_a_builtin_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    """`cd my_data && mmdata build slake` with the user's own `slake/` folder there said "recipe file not found"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slake").mkdir()
+    assert load_recipe("slake").name == "slake"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RecipeError, match="a folder, not a recipe file"):
+        load_recipe("mine")
+
+
+def test_a_source_path_override_is_the_callers_even_when_missing_and_drops_the_recipes_mirror_id(tmp_path,
+                                                                                                  monkeypatch):
+    """`--set source.path=./copy` is relative to the current folder (a missing one used to resolve against the
+    built-in recipes' folder and go to the hub as a dataset id), and the recipe's modelscope_id, the mirror of its
+    own path, no longer stands in for the path given."""
+    from mmdata import build
+    from mmdata.errors import SourceError
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("latex_ocr", {"source.path": "./my_copy"})
+    assert recipe.source.params()["path"] == str(tmp_path / "my_copy")
+    assert recipe.source.params().get("modelscope_id") is None
+    assert load_recipe("latex_ocr").source.params().get("modelscope_id")  # untouched without the override
+    with pytest.raises(SourceError, match=r"my_copy: local dataset copy not found"):
+        build("latex_ocr", source__path="./my_copy", output__dir=str(tmp_path / "out"))

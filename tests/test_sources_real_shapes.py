@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -398,6 +399,19 @@ def test_excels_separator_hint_line_is_named_not_read_as_the_header(tmp_path):
     (tmp_path / "d.csv").write_text("sep=,\r\nimage,text\r\na.jpg,x\r\n")
     with pytest.raises(SourceError, match=r"d\.csv: the first line 'sep=,' is Excel's separator hint"):
         build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"answer": "text"}, prompt="p")
+
+
+@pytest.mark.parametrize("sep, named", [(";", "semicolon"), ("\t", "tab")])
+def test_a_csv_separated_by_another_character_names_the_delimiter_to_set(tmp_path, sep, named):
+    """Excel in a comma-decimal locale writes ';' (and 'Unicode text' tabs): the whole header read as one column made
+    every row a reject saying the recipe's fields were wrong; now one error names the delimiter to set."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.csv").write_text(f"\ufeffimage{sep}text\r\na.jpg{sep}une formule\r\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=re.escape(f"looks {named}-separated; set source.delimiter: {sep!r}")):
+        build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"image": "image", "answer": "text"}, prompt="p")
+    result = build(tmp_path, {"type": "csv", "path": "d.csv", "delimiter": sep},
+                   fields={"image": "image", "answer": "text"}, prompt="p")
+    assert [r["messages"][1]["content"] for r in written(result)] == ["une formule"]
 
 
 def test_a_repeated_csv_column_name_is_refused(tmp_path):
@@ -962,3 +976,60 @@ def test_a_shard_symlinked_outside_the_image_root_is_refused(tmp_path, joined):
     with pytest.raises(SourceError, match=r"image shard .*part_0\.tar' resolves outside the allowed folders"):
         build(tmp_path, {"type": "image_join", "path": str(meta), "image_root": "shards"},
               fields={"image": "image", "answer": "caption"}, prompt="<image>Describe.")
+
+
+@pytest.mark.parametrize("file_name", ["train.json", "train.jsonl"])
+def test_a_flat_slake_shaped_json_builds_when_its_columns_are_mapped(tmp_path, file_name):
+    """SLAKE's train.json is a list of plain records (img_name, question, answer, q_lang...). With fields mapping
+    the columns they build as CSV rows do (every row was rejected `bad record shape`, also with `shape: alpaca`);
+    without the mapping the reject says which fields to set."""
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(jpeg_bytes(color=(40 * i, 90, 120)))
+        rows.append({"img_id": i, "img_name": f"imgs/{i}.jpg", "question": f"Which organ, {i}?",
+                     "answer": f"Liver {i}", "q_lang": "en", "content_type": "Organ"})
+    text = json.dumps(rows) if file_name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / file_name).write_text(text)
+    mapped = build(tmp_path / "mapped", {"type": "json", "path": str(tmp_path / file_name)},
+                   fields={"image": "img_name", "question": "question", "answer": "answer"})
+    records = written(mapped)
+    assert [r["messages"][1]["content"] for r in records] == ["Liver 0", "Liver 1", "Liver 2"]
+    assert records[0]["messages"][0]["content"] == "<image>Which organ, 0?"
+    assert image_bytes(mapped, records[2]) == [(tmp_path / "imgs" / "2.jpg").read_bytes()]
+    unmapped = build(tmp_path / "unmapped", {"type": "json", "path": str(tmp_path / file_name)})
+    assert unmapped.written == 0 and balanced(unmapped)
+    assert {r["reason"] for r in rejects(unmapped)} == {"bad record shape"}
+    assert "fields.answer" in rejects(unmapped)[0]["message"] and "img_name" in rejects(unmapped)[0]["message"]
+
+
+def test_a_build_whose_every_image_is_missing_points_at_image_root_not_at_the_fields(tmp_path):
+    """LLaVA's JSON in ann/ with the images in a sibling folder: every row is `image file not found`, and the message
+    used to blame the recipe's field names."""
+    data = tmp_path / "data"
+    (data / "ann").mkdir(parents=True)
+    (data / "coco").mkdir()
+    (data / "coco" / "000.jpg").write_bytes(jpeg_bytes())
+    rows = [{"id": "0", "image": "coco/000.jpg", "conversations": human_gpt("<image>\nWhat is it?", "A cat.")}]
+    (data / "ann" / "llava.json").write_text(json.dumps(rows))
+    with pytest.warns(mmdata.BuildWarning, match="source.image_root"):
+        result = build(tmp_path / "b", {"type": "json", "path": str(data / "ann" / "llava.json")})
+    assert result.written == 0 and "field name" not in result.problem
+    fixed = build(tmp_path / "c", {"type": "json", "path": str(data / "ann" / "llava.json"), "image_root": str(data)})
+    assert fixed.written == 1
+
+
+def test_a_csv_reject_says_which_data_row_it_is(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "d.csv").write_text('image,text\r\na.jpg,"two\r\nlines"\r\nmissing.jpg,x\r\n')
+    result = build(tmp_path, {"type": "csv", "path": "d.csv"}, fields={"image": "image", "answer": "text"},
+                   prompt="p")
+    assert [(r["position"], r["where"]) for r in rejects(result)] == [(1, "d.csv row 2")]
+
+
+def test_a_dataframe_build_with_a_misspelled_output_key_names_the_typo(tmp_path):
+    frame = pd.DataFrame({"question": ["q"], "answer": ["a"]})
+    with pytest.raises(RecipeError, match=r"unknown key 'output.dri'; did you mean 'output.dir'"):
+        mmdata.build(frame, output__dri=str(tmp_path / "o"))
+    with pytest.raises(RecipeError, match="say where to write"):
+        mmdata.build(frame)

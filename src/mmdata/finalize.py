@@ -84,6 +84,12 @@ class BuildResult:
         if not _failed(c):  # dedup dropped every record on purpose: the recipe's fields are not the cause
             return (f"no record was written: dedup dropped all {c['rejected']} ({_reasons(c)}): each repeats another "
                     f"record or one of dedup.against; see {self.output_dir / 'rejects.jsonl'}")
+        reasons = set(c["rejected_by_reason"]) - set(DEDUP_REASONS)
+        if reasons <= {"image file not found"}:  # every image missing: where they are, not the fields, is wrong
+            return (f"no record was written: all {c['rejected']} were rejected ({_reasons(c)}): no image is where "
+                    "the records point. Relative image paths resolve against source.image_root (default: the data "
+                    "file's folder): set it to the folder the paths start from, or extract the images there; see "
+                    f"{self.output_dir / 'rejects.jsonl'} for the paths tried")
         return (f"no record was written: all {c['rejected']} were rejected ({_reasons(c)}). That usually means the "
                 "recipe, not the data, is wrong (a field name, a {placeholder} in the prompt); see "
                 f"{self.output_dir / 'rejects.jsonl'}")

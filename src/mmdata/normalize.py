@@ -229,6 +229,8 @@ def normalize_row(row: dict, position: int, recipe: Recipe, fields: dict[str, st
                   allowed_roots: Sequence[Path] | None = None) -> Draft:
     if "__error__" in row:
         raise SampleError(row["__error__"], kind=row.get("__reason__"))
+    if "__shape_error__" in row and not fields.get("answer"):  # plain columns, and the recipe maps none of them
+        raise SampleError(row["__shape_error__"], kind="bad record shape")
     record_id = row.get(fields["id"]) if fields.get("id") else None
     images: list[ImageRef] = []
     for role in ("image", "images"):

@@ -364,15 +364,18 @@ def list_recipes() -> list[tuple[str, str]]:
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A path to an existing file wins; otherwise a built-in recipe name."""
+    """A path to an existing file (or any ``.yaml``) wins; otherwise a built-in recipe name, even where a folder of
+    that name is in the current directory."""
     candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+    builtin = builtin_recipe_dir() / f"{name_or_path}.yaml"
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         if not candidate.is_file():
             raise RecipeError(f"{candidate}: recipe file not found")
         return candidate
-    builtin = builtin_recipe_dir() / f"{name_or_path}.yaml"
-    if builtin.is_file():
+    if builtin.is_file():  # a folder of the same name here (the user's data, say) does not hide the built-in
         return builtin
+    if candidate.is_dir():
+        raise RecipeError(f"{candidate}: a folder, not a recipe file (pass the .yaml inside it)")
     names = [n for n, _ in list_recipes()]
     hint = difflib.get_close_matches(str(name_or_path), names, n=1)
     suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -388,9 +391,15 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, source:, output: ...)")
     for key, value in (overrides or {}).items():
-        if key.startswith("source.") and isinstance(value, str) and os.path.exists(value):
-            value = os.path.abspath(value)  # an override path is the caller's, relative to their cwd
+        if key.startswith("source.") and isinstance(value, str) and (
+                os.path.exists(value) or value.startswith(("./", "../", ".\\", "..\\", "~"))):
+            # an override path is the caller's, relative to their cwd (a missing one too: the error then names it)
+            value = os.path.abspath(os.path.expanduser(value))
         set_dotted(data, key, value, from_text=from_text)
+    source = data.get("source")
+    if overrides and "source.path" in overrides and "source.modelscope_id" not in overrides \
+            and isinstance(source, dict):
+        source.pop("modelscope_id", None)  # the mirror id of the recipe's own path, not of the one given instead
     base_dir = path.parent.resolve()
     if path.parent.resolve() == builtin_recipe_dir().resolve():
         base_dir = (builtin_recipe_dir() / "data").resolve()

@@ -99,6 +99,14 @@ class CsvSource(Source):
         if header[0].lower().startswith("sep=") and not any(h.strip() for h in header[1:]):
             raise SourceError(f"{self.path}: the first line {','.join(header)!r} is Excel's separator hint, not the "
                               "header; delete that line (or re-save the file without it)")
+        if len(header) == 1:  # one column whose name holds another separator: the file is not comma-separated
+            found = [(name, sep) for name, sep in (("semicolon", ";"), ("tab", "\t"), ("|", "|"))
+                     if sep in header[0] and sep != self.params.delimiter]
+            if found:
+                name, sep = found[0]
+                raise SourceError(f"{self.path}: the header is one column {header[0]!r}: the file looks {name}-"
+                                  f"separated; set source.delimiter: {sep!r} (Excel writes ';' where the decimal "
+                                  "mark is a comma, and tabs as 'Unicode text')")
         repeated = [name for name, n in Counter(header).items() if n > 1]
         if repeated:
             raise SourceError(
@@ -136,7 +144,11 @@ class CsvSource(Source):
                     f"{self.path}: the first data row has more fields than the header ({', '.join(chunk.columns)}); "
                     "quote the field that contains the delimiter, or set source.delimiter"
                 )
-            yield from chunk.to_dict(orient="records")
+            name = self.path.name
+            for number, row in zip(chunk.index, chunk.to_dict(orient="records"), strict=True):
+                # where a reject's row is: data rows count from 1 (the header is row 0), as a spreadsheet's
+                # line numbers do less one, whatever quoted fields span lines
+                yield {**row, "__where__": f"{name} row {number + 1}"}
 
     def num_rows(self) -> int:
         if self._num_rows is None:

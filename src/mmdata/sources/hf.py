@@ -277,6 +277,10 @@ class HfSource(Source):
 
 def load_hf_splits(params: HfParams, location: str, fresh: bool = False) -> tuple[list, list[Path] | None]:
     """Each of ``params.splits`` as a ``datasets`` object, and the local copy's data files (``None`` for a hub)."""
+    if os.path.isabs(location) and not is_local(location):  # a path (source.location made it absolute), not an id
+        raise SourceError(f"{location}: local dataset copy not found (source.path names a folder or file that does "
+                          "not exist; a relative one is relative to the recipe's folder, a --set one to the current "
+                          "folder)")
     if is_local(location):
         try:
             return _load_local(params, location, fresh)
@@ -497,10 +501,12 @@ def convert_row(row: dict, labels: dict[str, Callable] | None, first_item: list[
         row["__split__"] = split
     if shape == "columns":
         return row
-    from .jsonfile import ShapeError, to_canonical
+    from .jsonfile import FlatRecord, ShapeError, to_canonical
 
     try:
         return to_canonical(row, shape)
+    except FlatRecord as e:  # plain columns: built when the recipe maps fields.answer (normalize_row)
+        return {**e.row, "__shape_error__": str(e)}
     except ShapeError as e:
         return {"__error__": str(e), "__reason__": "bad record shape", "id": row.get("id"),
                 **({"__split__": split} if split is not None else {})}

@@ -9,6 +9,10 @@ other top-level keys untouched.
 Images come from ``images`` or, when that is absent or empty, from a singular ``image`` (a path, a list of paths,
 bytes or an HF ``{bytes, path}`` dict): LLaVA, ShareGPT4V and LLaVA-Med files say ``"image": "coco/x.jpg"``, and
 they build with no ``fields:`` at all. The ``<image>`` placeholders stay where the record wrote them.
+
+A record of none of these shapes (SLAKE's ``{"img_name", "question", "answer"}``) is kept as plain columns: a recipe
+that maps ``fields.answer`` (and ``fields.question`` or a ``prompt``) builds it as it would a CSV row; any other
+recipe rejects it as ``bad record shape``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ class JsonParams(SourceParams):
 
 class ShapeError(ValueError):
     """A record matches none of the known shapes; becomes a reject with this message."""
+
+
+class FlatRecord(ShapeError):
+    """An object with none of the conversation keys: plain columns, with its images moved to ``images``."""
+
+    def __init__(self, message: str, row: dict):
+        super().__init__(message)
+        self.row = row
 
 
 @register_source("json")
@@ -76,6 +88,10 @@ class JsonSource(Source):
                 continue
             try:
                 yield {**to_canonical(record, self.params.shape), "__where__": where}
+            except FlatRecord as e:
+                # a record of plain columns (SLAKE's question/answer/img_name): a recipe that maps fields.answer
+                # builds it like a CSV row; without that mapping it is rejected with this reason (normalize_row)
+                yield {**e.row, "__shape_error__": str(e), "__where__": where}
             except ShapeError as e:
                 # Keep the row so the pipeline rejects it with the reason instead of losing it.
                 yield {"__error__": str(e), "__reason__": "bad record shape", "__where__": where,
@@ -159,10 +175,15 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
         row["messages"] = messages
         row["images"] = _record_images(record, row)
     else:
-        raise ShapeError(
-            f"unrecognised record shape (keys: {', '.join(sorted(record)[:8])}); expected messages, conversations "
-            "or instruction/output"
-        )
+        keys = sorted(str(k) for k in record)
+        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+        message = (f"unrecognised record shape (keys: {shown}); expected messages, conversations or "
+                   "instruction/output, or, for a record of plain columns, fields.question (or a prompt) and "
+                   "fields.answer in the recipe")
+        if shape == "auto":
+            row["images"] = _record_images(record, row)
+            raise FlatRecord(message, row)
+        raise ShapeError(message)
     row["videos"] = _as_list(record.get("videos"))
     return row
 

@@ -51,7 +51,7 @@ def recipe_for_data(data: Any, overrides: dict[str, Any]):
     for dotted, value in overrides.items():
         set_dotted(document, dotted, value)
     document["source"].setdefault("cwd", os.getcwd())
-    if not document["output"].get("dir"):
+    if not document["output"].get("dir") and not set(document["output"]) - {"dir"}:  # else: a typo, named below
         raise RecipeError(f"mmdata.build({type(data).__name__}): say where to write, e.g. output__dir='out/{document['name']}'")
     return validate_recipe(document, origin=f"mmdata.build({type(data).__name__})", base_dir=os.getcwd())
 

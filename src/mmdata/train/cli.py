@@ -26,7 +26,7 @@ _TRAIN_FLAGS: dict[str, dict] = {
     "--attn-implementation": {"choices": ["auto", "sdpa", "flash_attention_2", "flash_varlen_torch", "eager"]},
     "--batching": {"choices": ["auto", "pad", "pack"]}, "--report-to": {"choices": ["none", "tensorboard", "swanlab"]},
     "--quantization-bit": {"type": int, "choices": [4]}, "--dataloader-num-workers": {"type": int},
-    "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile each layer's attention/MLP/norms (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
+    "--compile": {"choices": ["auto", "true", "false"], "help": "torch.compile the decoder layers as --compile-scope says, and the frozen vision blocks (auto: CUDA with Triton, no QLoRA/DeepSpeed)"},
     "--compile-scope": {"choices": ["parts", "layers"], "help": "parts: attention/MLP/norms each; layers: each decoder layer whole"},
     "--lr-scheduler-type": {}, "--warmup-ratio": {"type": float}, "--weight-decay": {"type": float},
     "--max-grad-norm": {"type": float}, "--per-device-eval-batch-size": {"type": int},
