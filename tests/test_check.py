@@ -390,13 +390,18 @@ def test_cutoff_len_reports_truncated_records_and_the_p99_cutoff(tmp_path):
 
 # ---------------------------------------------------------------------------------- LLaMA-Factory's own file
 
+needs_lf_info = pytest.mark.skipif(not LLAMAFACTORY_INFO.is_file(),
+                                   reason="the shared LLaMA-Factory fixture (../shared) is not beside this clone")
 
+
+@needs_lf_info
 def test_llamafactory_dataset_info_has_no_schema_errors():
     info = json.loads(LLAMAFACTORY_INFO.read_text())
     problems = [p for name, entry in info.items() for p in lint_entry(name, entry)]
     assert not problems, [p.format() for p in problems]
 
 
+@needs_lf_info
 def test_llamafactory_dataset_info_only_misses_its_local_files():
     report = validate(LLAMAFACTORY_INFO)
     info = json.loads(LLAMAFACTORY_INFO.read_text())
@@ -519,3 +524,25 @@ def test_two_records_on_one_line_load_as_datasets_loads_them(tmp_path):
     (tmp_path / "mllm.jsonl").write_text(json.dumps(record()) + json.dumps(record()) + "\n")
     report = validate(info)
     assert report.ok and report.entries["mllm"].records == 2, report.format_text()
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|video_pad|>"])
+def test_the_models_own_media_token_in_text_is_an_error_and_a_build_reject(tmp_path, token):
+    """A literal <|image_pad|> passed validate and build; LLaMA-Factory's tokenizer then made 65 image tokens for 64
+    image features and stopped training."""
+    import mmdata
+
+    info = make_dataset(tmp_path / "v", [record(f"<image>What does {token} mean?"), record()])
+    report = validate(info)
+    problem = [p for p in report.errors if token in p.message]
+    assert [p.record for p in problem] == [0] and "Image features and image tokens do not match" in problem[0].fix
+    rows = [record(f"<image>What does {token} mean?", images=[str(tmp_path / "v" / "images" / "a.jpg")]),
+            record(images=[str(tmp_path / "v" / "images" / "a.jpg")])]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(json.dumps({"name": "t", "source": {"type": "jsonl", "path": "rows.jsonl",
+                                                                          "allowed_roots": [str(tmp_path)]},
+                                                 "output": {"dir": str(tmp_path / "out")}}))
+    result = mmdata.build(str(tmp_path / "r.yaml"), num_proc=1)
+    assert result.written == 1 and result.rejected == 1
+    reject = json.loads((result.output_dir / "rejects.jsonl").read_text())
+    assert reject["position"] == 0 and token in reject["message"]

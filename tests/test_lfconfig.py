@@ -262,3 +262,28 @@ def test_build_with_a_model_counts_for_it_and_llamafactory_reuses_the_count(tmp_
         assert measure_tokens(build, 768 * 768, get_profile(model)).source == "manifest"
         assert measure_tokens(build, 768 * 768, get_profile("internvl")).source == "measured"
     assert len(set(budgets.values())) == 3  # three models, three different budgets for the same records
+
+
+def test_without_model_the_yamls_follow_the_builds_model_and_pixel_overrides_are_counted(tmp_path):
+    """A build made for Qwen3-VL got Qwen2-VL's checkpoint and template when --model was left out; and
+    `--set image_max_pixels=...` changed the YAMLs but kept the cutoff_len measured at the build's budget, so
+    LLaMA-Factory would cut records inside their image tokens."""
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (1600, 1200), (90, 20, 20)).save(tmp_path / "imgs" / "big.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>What is it?"},
+                          {"role": "assistant", "content": "A red square."}], "images": ["imgs/big.png"]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "q3", "model": "qwen3_vl",
+                                                     "source": {"type": "jsonl", "path": "d.jsonl"},
+                                                     "output": {"dir": str(tmp_path / "out")}}))
+    build = mmdata.build(str(tmp_path / "r.yaml"), num_proc=1).output_dir
+    train = load(write_llamafactory_configs(build, out_dir=tmp_path / "a")[0])
+    assert train["template"] == "qwen3_vl" and "Qwen3-VL" in train["model_name_or_path"]
+    bigger = load(write_llamafactory_configs(build, out_dir=tmp_path / "b",
+                                             extra={"image_max_pixels": 1600 * 1200})[0])
+    assert bigger["image_max_pixels"] == 1600 * 1200
+    assert bigger["cutoff_len"] > train["cutoff_len"] + 1000  # ~1,875 image tokens instead of ~576
+    with pytest.raises(LlamaFactoryConfigError, match="image_max_pixels"):
+        write_llamafactory_configs(build, out_dir=tmp_path / "c", extra={"image_max_pixels": "big"})

@@ -428,7 +428,7 @@ def test_unknown_names_suggest_and_list_known_profiles():
     with pytest.raises(ProfileError, match=r"did you mean 'qwen2_5_vl'.*qwen3_vl_nothink"):
         load_profile("qwen2.5vl")
     with pytest.raises(ProfileError, match="never downloads"):
-        load_profile("Qwen/Qwen2-VL-2B-Instruct")
+        load_profile("someorg/some-vlm-7b")  # a hub id that names a known family counts as it (test below)
     assert load_profile(None).name == "qwen2_vl" and load_profile("Qwen2.5_VL").name == "qwen2_5_vl"
     assert set(PROFILES) >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_nothink", "gemma3", "internvl"}
 
@@ -652,3 +652,18 @@ def test_validate_per_record_totals_equal_llamafactory_on_a_build(lf, folders, t
             pairs = template.encode_multiturn(tok, expanded, system, None)
             theirs.append(sum(len(source) + len(target) for source, target in pairs))
     assert mine == theirs
+
+
+def test_hub_ids_that_name_their_family_count_as_that_family_everywhere():
+    """`mmdata llamafactory --model Qwen/Qwen2.5-VL-7B-Instruct` worked while `validate --model` and a recipe's
+    `model:` refused the same id ("not a local folder"); an id of no known family is still refused, naming why."""
+    from mmdata.errors import MmdataError
+    from mmdata.profiles import load_profile, resolve_model
+
+    for model_id, name in [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"), ("Qwen/Qwen3-VL-8B-Thinking", "qwen3_vl"),
+                           ("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl_nothink"), ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl")]:
+        assert load_profile(model_id).name == name == resolve_model(model_id)[1].name
+    with pytest.raises(MmdataError, match="nor a hub id that names a family"):
+        load_profile("someorg/llava-1.5-7b")
+    with pytest.raises(MmdataError, match="not a local folder"):
+        load_profile("./missing/Qwen2-VL-2B-Instruct")

@@ -719,3 +719,14 @@ def test_split_entries_are_found_when_dataset_info_lives_elsewhere(tmp_path):
     for where in (tmp_path / "out", info):
         assert resolve_split(where, "train") == (info, ["mine_train"])
         assert resolve_split(where, "val") == (info, ["mine_val"])
+
+
+def test_a_thinking_models_thought_is_kept_apart_and_only_the_answer_is_scored():
+    from mmdata.train.metrics import compute_metrics
+    from mmdata.train.predict import split_thought
+
+    assert split_thought("\n</think>\n\nok") == ("", "ok")  # Qwen3-VL-Thinking: generation starts inside <think>
+    assert split_thought("<think>\nthe sum is 4\n</think>\n\n4") == ("the sum is 4", "4")
+    assert split_thought("<think>still thinking") == ("still thinking", "")  # cut off: no answer
+    assert split_thought("plain answer") == (None, "plain answer")
+    assert compute_metrics([split_thought("\n</think>\n\nok")[1]], ["ok"])["exact_match"] == 1.0

@@ -150,8 +150,7 @@ def test_image_tokens_and_pixels_match_the_processor(mixed_build, processors, fa
         text = processor.apply_chat_template(to_messages(turns), tokenize=False)
         images = [Image.open(p).convert("RGB").resize((w, h), Image.BICUBIC)
                   for p, (h, w) in zip(sample.images, sample.sizes, strict=True)]
-        ref = processor(text=[text], images=images, return_tensors="pt",
-                        size={"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]})
+        ref = processor(text=[text], images=images, return_tensors="pt")  # the processor's own bounds
         assert torch.equal(ref["input_ids"][0], item["input_ids"])
         assert torch.equal(ref["image_grid_thw"], grids)
         assert torch.allclose(ref["pixel_values"], item["pixel_values"])
@@ -380,3 +379,34 @@ def test_train_predict_export(family, tiny_models, processors, latex_build, tmp_
     net, proc = load_for_inference(str(merged))
     items = build_prompts(read_conversations(info, names), proc)
     assert list(generate(net, proc, items, batch_size=2, max_new_tokens=8, **PIXELS)) == [r["predict"] for r in rows]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_images_are_trained_at_llamafactorys_size(tmp_path, processors, family):
+    """Training and predict size an image as LLaMA-Factory does (its plugin's scaling into the pixel budget, then
+    the processor's smart_resize), so Qwen2.5-VL's absolute box coordinates, written for that size, fit the image
+    trained on; an image past 200:1 is squeezed to 180:1 as there, not dropped. The sizes equal the model profiles'
+    (the rules `mmdata validate` and the build count with, checked against LLaMA-Factory in test_profiles)."""
+    from mmdata.profiles import get_profile
+    from mmdata.train.data import SampleEncoder
+
+    encoder = SampleEncoder(processors[family], min_pixels=3136, max_pixels=589824, cutoff_len=4096)
+    profile = get_profile(family).with_lf_args(image_max_pixels=589824, image_min_pixels=3136)
+    image = profile.image
+    for width, height in [(1920, 1080), (1080, 1920), (512, 512), (5000, 20), (20, 5000), (33, 29)]:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.new("RGB", (width, height), (200, 30, 30)).save(path)
+        h, w = encoder.target_size(str(path))
+        assert (w, h) == image.input_size(width, height, profile.lf), (width, height)
+    assert encoder.target_size(str(tmp_path / "1920x1080.png"))[::-1] == ((1036, 588) if family != "qwen3_vl"
+                                                                          else (1024, 576))
+
+
+def test_a_remote_code_model_folder_is_named_unsupported_not_an_old_transformers(tmp_path):
+    """InternVL's folder (model_type internvl_chat, remote code): transformers' "upgrade transformers" message was
+    the error; the trainer reads config.json itself and names the families it trains."""
+    from mmdata.train.model import read_family
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": {}}))
+    with pytest.raises(TrainError, match="'internvl_chat' is not supported; the trainer handles qwen2_vl"):
+        read_family(str(tmp_path))

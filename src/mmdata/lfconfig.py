@@ -30,7 +30,7 @@ import yaml
 from .errors import DatasetInfoError, MmdataError
 from .layout import MANIFEST, manifest_dataset_info, read_manifest
 from .lfdata import DATA_CONFIG, iter_dataset
-from .profiles import DEFAULT_PROFILE, ModelProfile, get_profile, resolve_model
+from .profiles import DEFAULT_PROFILE, PROFILES, ModelProfile, get_profile, profile_names, resolve_model
 from .tokens import IMAGE_MAX_PIXELS, record_tokens
 from .writers.llamafactory import existing_dataset_info
 
@@ -139,7 +139,8 @@ EXACT_RECOUNT_RECORDS = 200_000  # about a minute of tokenizing; past it, `mmdat
 
 
 def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PIXELS,
-                   profile: ModelProfile | None = None, model: str | None = None) -> BuildTokens:
+                   profile: ModelProfile | None = None, model: str | None = None,
+                   image_min_pixels: int | None = None) -> BuildTokens:
     """The token lengths of every dataset of a build for ``profile``'s template and image rule: from the manifest's
     ``tokens`` when the build counted for the same model and image budget (and exactly, when ``model`` is a local
     folder with a tokenizer), else by reading the data: counted with that tokenizer when there is one (the estimate
@@ -152,13 +153,15 @@ def measure_tokens(build: BuildDatasets, image_max_pixels: int = LF_IMAGE_MAX_PI
     # a recount reads every record and image header: exact for builds up to EXACT_RECOUNT_RECORDS, else the manifest
     exact = model is not None and has_tokenizer(model) and int(stats.get("records") or 0) <= EXACT_RECOUNT_RECORDS
     if stats.get("max") and stats.get("image_max_pixels", image_max_pixels) == image_max_pixels \
+            and image_min_pixels is None \
             and stats.get("model", DEFAULT_PROFILE) == profile.name and (stats.get("exact") or not exact):
         return BuildTokens(int(stats["max"]), int(stats.get("max_answer", stats["max"])),
                            int(stats.get("records", 0)), "manifest")
     from PIL import Image
 
-    counter = (token_counter(model=model, image_max_pixels=image_max_pixels) if exact
-               else TokenCounter(image_max_pixels=image_max_pixels, profile=profile))
+    min_pixels = {} if image_min_pixels is None else {"image_min_pixels": image_min_pixels}
+    counter = (token_counter(model=model, image_max_pixels=image_max_pixels, **min_pixels) if exact
+               else TokenCounter(image_max_pixels=image_max_pixels, profile=profile, **min_pixels))
     longest = longest_answer = records = 0
     sizes: dict[str, tuple[int, int]] = {}
     for names in build.splits.values():
@@ -368,7 +371,7 @@ def flatten(sections: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def write_llamafactory_configs(
     build_dir: str | Path,
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     deepspeed: int | None = None,
     out_dir: str | Path | None = None,
     **options: Any,
@@ -382,11 +385,18 @@ def write_llamafactory_configs(
     build = read_build(build_dir)
     root = Path(build_dir).resolve()
     out = Path(out_dir).resolve() if out_dir else root
+    if model is None:  # the model the build counted its tokens for (recipe `model:`), else Qwen2-VL
+        built_for = (build.manifest.get("tokens") or {}).get("model")
+        model = built_for if isinstance(built_for, str) and built_for in profile_names() else DEFAULT_MODEL
     model_path, profile = resolve_model(model, options.pop("profile", None))
     if Path(model_path).expanduser().is_dir() or model_path.startswith((".", "~")):
-        # absolute, as every path in the YAMLs, so they run from any folder (a folder that does not exist here may
-        # on the training machine: kept, with resolve_model's warning)
+        # absolute, as every path in the YAMLs, so they run from any folder
         model_path = str(Path(model_path).expanduser().resolve())
+    if model_path.startswith("/") and not Path(model_path).is_dir():
+        import warnings  # a folder that does not exist here may on the training machine: kept, said
+
+        warnings.warn(f"--model {model_path}: no such folder on this machine; written into the YAMLs as given (it "
+                      "must exist where llamafactory-cli runs)", stacklevel=2)
     extra = options.get("extra") or {}
     if "output_dir" in extra:
         raise LlamaFactoryConfigError("--set output_dir: use --output-dir, which predict.yaml and merge.yaml take the "
@@ -396,10 +406,17 @@ def write_llamafactory_configs(
     if opts.precision not in ("bf16", "fp16", "fp32"):
         raise LlamaFactoryConfigError(f"--precision {opts.precision}: choose bf16, fp16 or fp32")
     image_max_pixels = int(build.image_max_pixels or LF_IMAGE_MAX_PIXELS)
+    # keys of --set that change what a record costs are counted with, not only written (a larger image budget
+    # with the build's cutoff_len would cut records inside their image tokens)
+    if "image_max_pixels" in extra:
+        image_max_pixels = _positive_int_option(extra, "image_max_pixels")
+    image_min_pixels = _positive_int_option(extra, "image_min_pixels") if "image_min_pixels" in extra else None
+    if isinstance(extra.get("template"), str) and extra["template"] != profile.lf_template:
+        profile = next((p for p in PROFILES.values() if p.lf_template == extra["template"]), profile)
 
     budget = None
     if opts.cutoff_len is None or opts.max_new_tokens is None:
-        budget = measure_tokens(build, image_max_pixels, profile, model_path)
+        budget = measure_tokens(build, image_max_pixels, profile, model_path, image_min_pixels)
     cutoff_len = opts.cutoff_len or round_up(budget.max_tokens)
     max_new_tokens = opts.max_new_tokens or round_up(2 * budget.max_answer_tokens, 64)
 
@@ -436,6 +453,13 @@ def write_llamafactory_configs(
         ds_path.write_text(json.dumps(deepspeed_config(deepspeed), indent=2) + "\n", encoding="utf-8")
         written.append(ds_path)
     return written
+
+
+def _positive_int_option(extra: dict, key: str) -> int:
+    value = extra[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LlamaFactoryConfigError(f"--set {key}={value!r}: expected a whole number of pixels, 1 or more")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -475,10 +499,10 @@ def add_llamafactory_command(subparsers) -> None:
                     "with dataset names, image_max_pixels and cutoff_len taken from it.",
     )
     p.add_argument("build_dir", help="output folder of `mmdata build` (holds mmdata_build.json)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=None,
                    help="base model: a local folder, a hub id (Qwen/Qwen3-VL-4B-Instruct) or a profile name (qwen3_vl, "
-                        f"qwen2_5_vl, ...: its reference checkpoint); sets template and token counts (default: "
-                        f"{DEFAULT_MODEL})")
+                        f"qwen2_5_vl, ...: its reference checkpoint); sets template and token counts (default: the "
+                        f"reference checkpoint of the recipe's `model:`, else {DEFAULT_MODEL})")
     p.add_argument("--profile", default=None, metavar="NAME",
                    help="the model profile when --model does not say it (a path of an unknown family): qwen2_vl, "
                         "qwen2_5_vl, qwen3_vl, qwen3_vl_nothink, gemma3, internvl")

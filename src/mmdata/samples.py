@@ -98,6 +98,11 @@ class Sample(BaseModel):
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
+#: The models' own media tokens. Written as text, LLaMA-Factory's tokenizer makes each one a media token, one more than
+#: the images have features for, and training stops ("Image features and image tokens do not match").
+MODEL_MEDIA_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<image_soft_token>", "<IMG_CONTEXT>")
+
+
 def conversation_problems(
     turns: list[tuple[str, object]], n_images: int, n_videos: int = 0, allow_empty_answer: bool = False
 ) -> list[str]:
@@ -106,7 +111,8 @@ def conversation_problems(
     Rules (what LLaMA-Factory's sharegpt converter and the Qwen2-VL plugin accept): at most one system message and
     only first; then user/assistant alternate starting with user and ending with assistant; user content not empty;
     assistant content not empty unless the set is for prediction; ``<image>`` count (outside the system prompt, which
-    LLaMA-Factory takes out first) equals the number of images and ``<video>`` count the number of videos.
+    LLaMA-Factory takes out first) equals the number of images and ``<video>`` count the number of videos; no
+    model media token (``<|image_pad|>``...) in the text.
     """
     problems: list[str] = []
     if not turns:
@@ -161,6 +167,12 @@ def conversation_problems(
     n_video_tags = text.count(VIDEO_PLACEHOLDER)
     if n_video_tags != n_videos:
         problems.append(f"{n_video_tags} {VIDEO_PLACEHOLDER} placeholder(s) but {n_videos} video(s)")
+    everything = "".join(c for _, c in turns if isinstance(c, str))
+    for token in MODEL_MEDIA_TOKENS:
+        if token in everything:
+            problems.append(f"the text holds the model token {token}: the tokenizer makes it a media token with no "
+                            "image behind it and LLaMA-Factory stops training ('Image features and image tokens do "
+                            f"not match'); remove it (an image goes in the text as {IMAGE_PLACEHOLDER})")
     return problems
 
 

@@ -132,8 +132,9 @@ def get_profile(name: str | None = None) -> ModelProfile:
 def load_profile(name_or_dir: str | os.PathLike | None = None) -> ModelProfile:
     """A profile by name, or read from a local model folder (its values win over the family's defaults).
 
-    Never downloads: a hub id like ``Qwen/Qwen2-VL-2B-Instruct`` must be downloaded first (``hf download``) and the
-    folder passed.
+    Never downloads: a hub id that names its family (``Qwen/Qwen2.5-VL-7B-Instruct``) counts with that family's
+    profile (the reference checkpoints' settings); for its own files, download it (``hf download``) and pass the
+    folder.
     """
     if name_or_dir is None:
         return get_profile(None)
@@ -143,14 +144,28 @@ def load_profile(name_or_dir: str | os.PathLike | None = None) -> ModelProfile:
         return profile_from_folder(path)
     name = str(name_or_dir)
     if "/" in name or os.sep in name:
-        raise ProfileError(f"{name}: not a local folder (mmdata never downloads); pass a downloaded model folder or "
-                           f"a profile name: {', '.join(profile_names())}")
+        family = _family_of_hub_id(name)
+        if family is not None and not name.startswith((".", "/", "~")):  # a hub id that says its family
+            return get_profile(family)
+        raise ProfileError(f"{name}: not a local folder, nor a hub id that names a family mmdata knows (mmdata never "
+                           f"downloads); pass a downloaded model folder or a profile name: "
+                           f"{', '.join(profile_names())}")
     return get_profile(name)
 
 
 # Hub ids name their family; the first pattern that matches the lower-cased id wins.
 _FAMILY_BY_HUB_ID = [("qwen3-vl", None), ("qwen2.5-vl", "qwen2_5_vl"), ("qwen2_5-vl", "qwen2_5_vl"),
                      ("qwen2-vl", "qwen2_vl"), ("gemma-3", "gemma3"), ("internvl", "internvl")]
+
+
+def _family_of_hub_id(model_id: str) -> str | None:
+    """The profile a hub id names (``Qwen/Qwen3-VL-8B-Thinking`` -> ``qwen3_vl``; an Instruct one ->
+    ``qwen3_vl_nothink``), or None."""
+    lowered = model_id.lower()
+    for pattern, name in _FAMILY_BY_HUB_ID:
+        if pattern in lowered:
+            return name or ("qwen3_vl" if "thinking" in lowered else "qwen3_vl_nothink")
+    return None
 
 
 def resolve_model(model: str | os.PathLike, profile: str | None = None) -> tuple[str, ModelProfile]:
@@ -166,12 +181,9 @@ def resolve_model(model: str | os.PathLike, profile: str | None = None) -> tuple
         return profile.example_models[0], profile
     if Path(text).expanduser().is_dir():
         return text, load_profile(text)
-    lowered = text.lower()
-    for pattern, name in _FAMILY_BY_HUB_ID:
-        if pattern in lowered:
-            if name is None:
-                name = "qwen3_vl" if "thinking" in lowered else "qwen3_vl_nothink"
-            return text, get_profile(name)
+    family = _family_of_hub_id(text)
+    if family is not None:
+        return text, get_profile(family)
     import warnings
 
     warnings.warn(f"{text}: mmdata cannot tell which model family this is and counts it as {DEFAULT_PROFILE}; name "
@@ -236,8 +248,9 @@ def _family(files: dict[str, Any], root: Path) -> str:
             return _FAMILY_BY_PROCESSOR[cls]
     known = ", ".join(sorted(_FAMILY_BY_MODEL_TYPE))
     what = f"model_type {model_type!r}" if model_type else "no config.json model_type"
-    raise ProfileError(f"{root}: {what} is not a model family mmdata knows (known model types: {known}); pass a "
-                       f"profile name instead: {', '.join(profile_names())}")
+    raise ProfileError(f"{root}: {what} is not a model family mmdata knows (known model types: {known}); name the "
+                       f"profile to count it as ({', '.join(profile_names())}): `mmdata llamafactory --profile NAME` "
+                       "keeps this --model; elsewhere pass the profile name instead of the folder")
 
 
 def _pixels(cfg: dict[str, Any], default_min: int, default_max: int) -> tuple[int, int]:

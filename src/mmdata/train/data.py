@@ -9,8 +9,9 @@ The data path, and why it is shaped like this:
   conversation up to that turn (with and without it), so the labels are exactly the assistant content and its end
   token (``<|im_end|>``) and every other token is ``-100``, whatever the template.
 - Text is tokenised once, up front, in segments (like LLaMA-Factory), which also gives every sample's exact length
-  before any image is decoded: the vision token count follows from the image size (Qwen2-VL's ``smart_resize`` to
-  multiples of ``patch_size * merge_size``: 28 pixels for Qwen2/2.5-VL, 32 for Qwen3-VL, read from the processor).
+  before any image is decoded: the vision token count follows from the image size, sized as LLaMA-Factory sizes it
+  (:func:`trained_size`: its plugin's scaling into the pixel budget, then ``smart_resize`` to multiples of
+  ``patch_size * merge_size``: 28 pixels for Qwen2/2.5-VL, 32 for Qwen3-VL, read from the processor).
   Samples longer than ``cutoff_len`` are dropped and counted, never cut (a cut could split an image's tokens).
 - Images are decoded, resized to that precomputed size and turned into patches in ``__getitem__``, i.e. in
   DataLoader workers; the sample is built directly as tensors (no list round trips), and the 3-D M-RoPE positions
@@ -40,6 +41,7 @@ from ..errors import MmdataError, SampleError
 from ..images import image_info
 from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
+from ..profiles.vision import qwen_lf_resize
 from ..tokens import smart_resize
 from .config import TrainError
 
@@ -201,7 +203,7 @@ class EncodedSample:
 
     pieces: list[tuple[np.ndarray, bool]]  # token ids (image tokens already expanded), is_label
     images: list[str]
-    sizes: list[tuple[int, int]]  # (height, width) after smart_resize
+    sizes: list[tuple[int, int]]  # (height, width) trained at (:func:`trained_size`)
     length: int
 
 
@@ -226,6 +228,7 @@ class SampleEncoder:
         self.patch = int(ip.patch_size)
         self.merge = int(ip.merge_size)
         self.min_pixels, self.max_pixels, self.cutoff_len = min_pixels, max_pixels, cutoff_len
+        self.processor_bounds = processor_pixels(ip)
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if (self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id
@@ -240,7 +243,8 @@ class SampleEncoder:
             info = image_info(Path(path))
         except SampleError as e:
             raise ValueError(f"{e}: {path}") from None
-        return smart_resize(info.height, info.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return trained_size(info.width, info.height, self.patch * self.merge, self.min_pixels, self.max_pixels,
+                            self.processor_bounds)
 
     def encode_all(self, conversations: list[tuple[list, list[str]]]) -> tuple[list[EncodedSample], EncodeStats]:
         stats = EncodeStats()
@@ -289,6 +293,27 @@ class SampleEncoder:
 # dataset and collator
 
 
+def processor_pixels(image_processor) -> tuple[int, int]:
+    """The image processor's own ``(min_pixels, max_pixels)`` (``size.shortest_edge``/``longest_edge``, areas)."""
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    low = getattr(image_processor, "min_pixels", None) or get("shortest_edge") or 56 * 56
+    high = getattr(image_processor, "max_pixels", None) or get("longest_edge") or 28 * 28 * 16384
+    return int(low), int(high)
+
+
+def trained_size(width: int, height: int, factor: int, min_pixels: int, max_pixels: int,
+                 processor_bounds: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` an image is trained (and predicted) at, as LLaMA-Factory makes it: its Qwen plugin scales
+    the image into ``[min_pixels, max_pixels]`` (and squeezes one past 200:1 to 180:1), then the processor's
+    ``smart_resize`` rounds that to multiples of ``factor`` within the processor's own bounds. A single
+    ``smart_resize`` under ``max_pixels`` gave other sizes (1920x1080: 1008x560, LLaMA-Factory 1036x588), so
+    Qwen2.5-VL's absolute box coordinates, written for LLaMA-Factory's size, ran past the image trained on, and an
+    image past 200:1 was dropped."""
+    w, h = qwen_lf_resize(width, height, max_pixels, min_pixels)
+    return smart_resize(h, w, factor, *processor_bounds)
+
+
 def pixel_bounds(min_pixels: int, max_pixels: int) -> dict:
     """The image processor's pixel budget as call kwargs: ``size: {shortest_edge, longest_edge}`` (pixel areas, not
     edges), which ``Qwen2VLImageProcessor`` reads for all three families; its ``min_pixels``/``max_pixels`` call
@@ -303,7 +328,8 @@ class VisionSFTDataset(torch.utils.data.Dataset):
                  min_pixels: int = 3136, max_pixels: int = 12845056):
         self.samples = samples
         self.image_processor = image_processor
-        # the images arrive already resized to their smart_resize size; these bounds make the processor agree
+        # the images arrive already resized to their trained size (a multiple of the factor within the processor's
+        # own bounds, :func:`trained_size`): under those bounds the processor keeps it
         self.pixels = pixel_bounds(min_pixels, max_pixels)
         self.image_token_id = image_token_id
         self.merge = merge
@@ -425,5 +451,5 @@ def build_dataset(processor, conversations, *, min_pixels: int, max_pixels: int,
     encoder = SampleEncoder(processor, min_pixels=min_pixels, max_pixels=max_pixels, cutoff_len=cutoff_len)
     samples, stats = encoder.encode_all(conversations)
     dataset = VisionSFTDataset(samples, processor.image_processor, encoder.image_token_id, encoder.merge,
-                               min_pixels=min_pixels, max_pixels=max_pixels)
+                               *encoder.processor_bounds)
     return dataset, stats

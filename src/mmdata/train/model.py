@@ -12,6 +12,7 @@ layers under them, so they do not depend on how a transformers version nests ``m
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import types
 from pathlib import Path
@@ -128,6 +129,14 @@ def read_family(path: str) -> Family:
 
     if not Path(path).is_dir() and (path.startswith((".", "/", "~")) or os.sep + os.sep in path):
         raise TrainError(f"{path}: no such model folder")
+    config = Path(path) / "config.json"
+    if config.is_file():  # a folder says its family itself: an unsupported one (InternVL's remote code) is named as
+        try:              # such, not as transformers' "upgrade transformers" for a model_type it does not know
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+        if isinstance(model_type, str):
+            return family_of(model_type, path)
     try:
         model_type = AutoConfig.from_pretrained(path).model_type
     except OSError as e:  # no config.json, or a hub id this machine cannot fetch

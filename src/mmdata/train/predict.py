@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .config import TrainError
-from .data import pixel_bounds, read_conversations, resolve_split, smart_resize, to_messages
+from .data import pixel_bounds, processor_pixels, read_conversations, resolve_split, to_messages, trained_size
 from .metrics import compute_metrics
 from .model import (
     ensure_chat_template,
@@ -75,6 +75,7 @@ def generate(net, processor, items: list[dict], *, batch_size: int, max_new_toke
     """Yield the decoded greedy continuation of each item, in order, ``batch_size`` prompts per ``generate``."""
     ip = processor.image_processor
     factor = int(ip.patch_size) * int(ip.merge_size)
+    bounds = processor_pixels(ip)
     processor.tokenizer.padding_side = "left"
     device = next(net.parameters()).device
     for start in range(0, len(items), batch_size):
@@ -83,9 +84,9 @@ def generate(net, processor, items: list[dict], *, batch_size: int, max_new_toke
         for item in batch:
             for path in item["images"]:
                 with Image.open(path) as im:
-                    h, w = smart_resize(im.height, im.width, factor, min_pixels, max_pixels)
+                    h, w = trained_size(im.width, im.height, factor, min_pixels, max_pixels, bounds)
                     images.append(im.convert("RGB").resize((w, h), Image.BICUBIC))
-        kwargs = {"images": images, **pixel_bounds(min_pixels, max_pixels)} if images else {}
+        kwargs = {"images": images, **pixel_bounds(*bounds)} if images else {}
         enc = processor(text=[item["prompt"] for item in batch], padding=True, return_tensors="pt", **kwargs)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.inference_mode():
@@ -93,6 +94,19 @@ def generate(net, processor, items: list[dict], *, batch_size: int, max_new_toke
                                pad_token_id=processor.tokenizer.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]
         yield from processor.batch_decode(new, skip_special_tokens=True)
+
+
+def split_thought(text: str) -> tuple[str | None, str]:
+    """``(thought, answer)`` of a generation: a Thinking model (Qwen3-VL-*-Thinking) writes its reasoning, then
+    ``</think>``, then the answer, and ``<think>``/``</think>`` are not special tokens, so decoding keeps them. Only
+    the answer is scored (it was the whole text: exact match 0 for every right answer); a generation cut off
+    inside its thought has no answer."""
+    if "</think>" in text:
+        thought, _, answer = text.rpartition("</think>")
+        return thought.replace("<think>", "", 1).strip(), answer.strip()
+    if text.lstrip().startswith("<think>"):
+        return text.lstrip().removeprefix("<think>").strip(), ""
+    return None, text
 
 
 def predict(model: str, dataset: str, output_dir: str, *, adapter: str | None = None, split: str = "val",
@@ -114,8 +128,10 @@ def predict(model: str, dataset: str, output_dir: str, *, adapter: str | None = 
     with open(out / PREDICTIONS, "w", encoding="utf-8") as f:
         for item, text in zip(items, generate(net, processor, items, batch_size=batch_size,
                                               max_new_tokens=max_new_tokens, **pixels), strict=False):
-            predictions.append(text)
-            f.write(json.dumps({"prompt": item["prompt"], "predict": text, "label": item["label"]},
+            thought, answer = split_thought(text)
+            predictions.append(answer)
+            f.write(json.dumps({"prompt": item["prompt"], "predict": answer, "label": item["label"],
+                                **({"thought": thought} if thought is not None else {})},
                                ensure_ascii=False) + "\n")
     metrics = compute_metrics(predictions, [item["label"] for item in items])
     metrics.update(split=split, datasets=names, adapter=adapter, model=model)
