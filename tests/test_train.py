@@ -730,3 +730,16 @@ def test_a_thinking_models_thought_is_kept_apart_and_only_the_answer_is_scored()
     assert split_thought("<think>still thinking") == ("still thinking", "")  # cut off: no answer
     assert split_thought("plain answer") == (None, "plain answer")
     assert compute_metrics([split_thought("\n</think>\n\nok")[1]], ["ok"])["exact_match"] == 1.0
+
+
+def test_a_modelscope_download_that_fails_is_one_error(monkeypatch):
+    """--model-hub modelscope offline printed five chained tracebacks; it is one TrainError naming the model."""
+    modelscope = pytest.importorskip("modelscope")
+    from mmdata.train.model import resolve_model_path
+
+    def offline(model_id, *args, **kwargs):
+        raise ConnectionError("Connection failed: modelscope.cn")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    with pytest.raises(TrainError, match=r"Qwen/Qwen2-VL-2B-Instruct: cannot download it from ModelScope \(Connection"):
+        resolve_model_path("Qwen/Qwen2-VL-2B-Instruct", "modelscope")

@@ -35,7 +35,11 @@ def resolve_model_path(model: str, hub: str = "huggingface") -> str:
             from modelscope import snapshot_download
         except ImportError:
             raise TrainError("model_hub: modelscope needs the modelscope package: pip install modelscope") from None
-        return snapshot_download(model)
+        try:
+            return snapshot_download(model)
+        except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors come as many types
+            raise TrainError(f"{model}: cannot download it from ModelScope ({type(e).__name__}: {_first_line(e)}); "
+                             "check the id and the network, or download it elsewhere and pass the folder") from None
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(model).exists():
         raise TrainError(f"{model}: not a local folder and HF_HUB_OFFLINE=1; pass the model folder")
     return model
