@@ -342,3 +342,48 @@ def test_shard_parts_build_side_by_side_in_one_folder_but_one_part_never_twice_a
     merged = subprocess.run([sys.executable, "-m", "mmdata.cli", "merge", str(out)], capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr
     assert _records(out / "a") == 48
+
+
+def test_a_rebuild_never_removes_a_file_at_a_path_the_build_did_not_write(tmp_path):
+    """A finished build owns what it wrote, not every path it might have: the user's t_test.json beside a build
+    without a test split, and fingerprints.npz beside one without dedup, were deleted by the next rebuild. Now they
+    are the user's: a rebuild that might write there is refused, naming the file, and leaves it as it is."""
+    jsonl_source(tmp_path / "src")
+    out = tmp_path / "out"
+    r = recipe(tmp_path / "src", out, {"type": "jsonl", "path": "data.jsonl"}, split={"val": 2},
+               output={"dir": str(out), "format": "sharegpt", "file_format": "json"})
+    build(r)
+    assert (out / "t_train.json").is_file() and not (out / "t_test.json").exists()
+    (out / "t_test.json").write_text('["mine"]')
+    with pytest.raises(BuildError, match="t_test.json already exists and was not written by mmdata"):
+        build(r, prompt="again", rebuild=True)
+    assert (out / "t_test.json").read_text() == '["mine"]'
+    (out / "t_test.json").unlink()
+    (out / "fingerprints.npz").write_bytes(b"mine too")
+    with pytest.raises(BuildError, match="fingerprints.npz already exists and was not written by mmdata"):
+        build(r, prompt="again", rebuild=True)
+    assert (out / "fingerprints.npz").read_bytes() == b"mine too"
+
+
+def test_merge_links_only_what_the_shards_staged_and_keeps_the_targets_registry_and_files(tmp_path):
+    """A shard folder that also held a dataset_info.json (a trial build's) and a user's notes: merge linked every
+    file of it into the target, replacing the user's 104-entry registry with the part's and the target's notes."""
+    from mmdata.finalize import merge_shards
+
+    jsonl_source(tmp_path / "src", rows=8)
+    r = recipe(tmp_path / "src", tmp_path / "p0", {"type": "jsonl", "path": "data.jsonl"},
+               output={"dir": str(tmp_path / "p0"), "shard_size": 2, "allow_existing": True})
+    build(r, max_samples=2)  # a trial build leaves p0/dataset_info.json
+    (tmp_path / "p0" / "notes.txt").write_text("part 0 log")
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i, part in enumerate(parts):
+        mmdata.build(str(r), num_proc=1, shard=(i, 2), output__dir=str(part))
+    root = tmp_path / "root"
+    root.mkdir()
+    registry = {f"user_{i}": {"file_name": f"u{i}.json"} for i in range(104)}
+    (root / "dataset_info.json").write_text(json.dumps(registry, indent=2))
+    (root / "notes.txt").write_text("the user's only copy")
+    result = merge_shards(root, parts)
+    info = json.loads((root / "dataset_info.json").read_text())
+    assert set(registry) <= set(info) and "t" in info and result.written == 8
+    assert (root / "notes.txt").read_text() == "the user's only copy"

@@ -352,3 +352,44 @@ def test_report_page_in_headless_chromium(browser, build_dir, report, tmp_path_f
     assert HOSTILE[:40] in text
     assert "这是一个红色的方块" in text and "cutoff_len" in text
     assert shot.startswith(b"\x89PNG") and len(shot) > 20_000
+
+
+def test_the_report_replaces_only_its_own_files_and_refuses_a_users_report_folder(build_dir, tmp_path):
+    """`report/` of a folder built with allow_existing may be the user's: index.html and stats.json were
+    overwritten and plots/ deleted. The report now keeps a list of what it wrote and removes only those."""
+    from mmdata.report import ReportError
+
+    out = tmp_path / "b"
+    shutil.copytree(build_dir, out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    write_report(out, samples=2)
+    (out / "report" / "plots" / "my_chart.png").write_bytes(b"mine")
+    (out / "report" / "notes.md").write_text("mine")
+    write_report(out, samples=3)  # its own files replaced, the user's additions kept
+    assert (out / "report" / "plots" / "my_chart.png").read_bytes() == b"mine"
+    assert (out / "report" / "notes.md").read_text() == "mine" and (out / "report" / "index.html").is_file()
+    theirs = tmp_path / "c"
+    shutil.copytree(build_dir, theirs)
+    shutil.rmtree(theirs / "report", ignore_errors=True)
+    (theirs / "report").mkdir()
+    (theirs / "report" / "index.html").write_text("<h1>my page</h1>")
+    with pytest.raises(ReportError, match="holds files mmdata's report did not write"):
+        write_report(theirs)
+    assert (theirs / "report" / "index.html").read_text() == "<h1>my page</h1>"
+
+
+def test_the_report_never_reads_an_image_outside_the_build_or_a_fifo(build_dir, tmp_path):
+    """A record pointing at ../private/secret.png put that image into a page meant to be shared; a FIFO named as
+    an image blocked the report forever."""
+    from mmdata.report.html import thumbnail_data_uri
+    from mmdata.report.stats import read_image_facts
+
+    secret = tmp_path / "private" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(png_bytes((40, 40)))
+    media = tmp_path / "build"
+    media.mkdir()
+    os.mkfifo(media / "fifo.jpg")
+    for rel in ("../private/secret.png", str(secret), "fifo.jpg"):
+        assert thumbnail_data_uri(media, rel) is None
+        assert "not read" in read_image_facts(media, rel).error

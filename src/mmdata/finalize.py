@@ -33,7 +33,7 @@ from ._version import __version__
 from .atomic import replaced_on_close, write_text_atomic
 from .dedup import DEDUP_REASONS, fingerprints_needed
 from .errors import BuildError, DatasetInfoError
-from .layout import MANIFEST, SPLITS, Layout, OutputLock, claim_output, read_json
+from .layout import MANIFEST, SPLITS, STATE_DIR, Layout, OutputLock, claim_output, keep_only_written, read_json
 from .recipes import NEAR_THRESHOLD, Recipe, Split
 from .task import TaskStats, token_budget
 from .tokens import TokenBudget
@@ -218,6 +218,7 @@ def _register(layout: Layout, recipe: Recipe, fingerprint: str, num_tasks: int, 
     if entries:
         merge_dataset_info(layout.dataset_info, entries, overwrite=recipe.output.overwrite)
     write_text_atomic(layout.root / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+    keep_only_written(layout)
     return result_from_manifest(layout, manifest)
 
 
@@ -713,14 +714,29 @@ def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], 
         claim_output(layout, recipe, base["fingerprint"], False, lock, beside=part_dirs)
         lock.claimed()
         for part in part_dirs:
-            if part == root:
-                continue
-            for src in part.rglob("*"):
-                if src.is_file() and src.name not in (MANIFEST, "state.json"):
-                    dest = root / src.relative_to(part)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    _link_file(src, dest)
+            if part != root:
+                _take_shard_part(part, root)
         return finalize(layout, recipe, base["fingerprint"], base["num_tasks"], strict=strict)
+
+
+def _take_shard_part(part: Path, root: Path) -> None:
+    """Link what a ``--shard`` build staged into ``root``: its resume state (task parts, markers, rejects,
+    fingerprints) and its images, nothing else. A part folder may also hold a ``dataset_info.json`` (an earlier
+    trial build), a report or a user's own files: linking those replaced the target's (a user's 104-entry registry
+    became the part's one entry). Images are content-addressed, so one already in ``root`` is the same bytes and
+    is left as it is; state files are mmdata's own in both folders."""
+    for top in (STATE_DIR, "images"):
+        folder = part / top
+        for src in folder.rglob("*") if folder.is_dir() else ():
+            inside = src.relative_to(folder).parts
+            if not src.is_file() or src.is_symlink() or (top == STATE_DIR and (inside[0] == "running"
+                                                                               or src.name == "state.json")):
+                continue
+            dest = root / src.relative_to(part)
+            if top == "images" and dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _link_file(src, dest)
 
 
 def _link_file(src: Path, dest: Path) -> None:

@@ -418,6 +418,19 @@ def write_state(layout: Layout, fingerprint: str) -> None:
         "owned": sorted(os.path.relpath(p, layout.root) for p in layout.owned_paths())}))
 
 
+def keep_only_written(layout: Layout) -> None:
+    """After a finished build: narrow ``state.json``'s owned paths to those that exist. A claim names every path the
+    build may write (a killed build's partial files must be its to remove), but a path it did not write (the test
+    split of a recipe without one, ``fingerprints.npz`` of a build without dedup) is not its: a file a user puts
+    there later was deleted by the next rebuild."""
+    state = read_json(layout.state / "state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("owned"), list):
+        return
+    state["owned"] = [rel for rel in state["owned"]
+                      if isinstance(rel, str) and os.path.lexists(layout.root / rel)]
+    write_text_atomic(layout.state / "state.json", json.dumps(state))
+
+
 # Names in an output folder that hold no user data of their own: a dataset_info.json to merge into, and its lock.
 _SHARED_NAMES = {"dataset_info.json", ".dataset_info.json.lock"}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .. import tokens as qwen_tokens
 from .._version import __version__
 from ..atomic import write_text_atomic
 from ..cliargs import positive_int
+from ..layout import read_json
 from .build import (
     LF_IMAGE_MAX_PIXELS,
     MAX_PIXEL_CHOICES,
@@ -84,8 +84,7 @@ def write_report(build_dir: str | os.PathLike, samples: int = 24, seed: int = 0,
         "recommendations": recommendations(m, counts["written"], len(records), max_pixels, choices, counter),
     }
     out = build.root / REPORT_DIR
-    if (out / "plots").is_dir():
-        shutil.rmtree(out / "plots")
+    _clear_own_report(out)
     out.mkdir(parents=True, exist_ok=True)
     marker = stats["recommendations"].get("cutoff_len", {}).get("value")
     plots = write_plots(m, out / "plots", marker, max_pixels)
@@ -96,10 +95,37 @@ def write_report(build_dir: str | os.PathLike, samples: int = 24, seed: int = 0,
         stats["duplicates"] = dups
     page = render_html(stats, plots, items, build.reject_examples(),
                        duplicates_html(dups, build.media_dir) if dups is not None else None)
+    written = ["index.html", "stats.json", *stats["plots"]]
+    write_text_atomic(out / OWN_FILES, json.dumps({"written": written}, indent=1) + "\n")  # first: claims them
     write_text_atomic(out / "stats.json", json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
     write_text_atomic(out / "index.html", page)
     return out / "index.html"
 
+
+#: Inside ``report/``: the files the last report wrote, so the next one removes those and nothing else.
+OWN_FILES = ".mmdata-report.json"
+
+
+def _clear_own_report(out: Path) -> None:
+    """Remove the previous report's files (as its :data:`OWN_FILES` lists them) before writing a new one; a
+    ``report/`` that holds files without that list is the user's, and is refused, untouched (the report used to
+    overwrite ``index.html``/``stats.json`` there and delete ``plots/``)."""
+    if not out.exists():
+        return
+    own = read_json(out / OWN_FILES) if (out / OWN_FILES).is_file() else None
+    earlier = read_json(out / "stats.json") if own is None and (out / "stats.json").is_file() else None
+    if isinstance(earlier, dict) and "mmdata_version" in earlier:  # a report of a version before the list
+        own = {"written": ["index.html", "stats.json", *(earlier.get("plots") or [])]}
+    if not isinstance(own, dict) or not isinstance(own.get("written"), list):
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise ReportError(f"{out}: holds files mmdata's report did not write; move them (or the folder) away, and "
+                          "run the report again")
+    for rel in own["written"]:
+        target = out / str(rel)
+        if target.is_file() and target.resolve().is_relative_to(out.resolve()):
+            target.unlink()
+    (out / OWN_FILES).unlink(missing_ok=True)
 
 def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.build_dir, samples=args.samples, seed=args.seed, tokenizer=args.tokenizer,

@@ -7,7 +7,6 @@ import base64
 import html
 import io
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 from .. import lfdata
 from .._version import __version__
 from .build import TEXT_LIMIT, THUMB_SIDE, Build, Record
-from .stats import read_image_facts, text_of
+from .stats import read_image_facts, report_image_path, text_of
 
 # ----------------------------------------------------------------------------------------------- gallery
 
@@ -26,9 +25,8 @@ def thumbnail_data_uri(media_dir: Path, rel: str, side: int = THUMB_SIDE) -> str
     """A small JPEG of the image as a ``data:`` URI (the one place the report decodes images); None if unreadable."""
     from PIL import Image
 
-    path = Path(rel) if os.path.isabs(rel) else media_dir / rel
     try:
-        with Image.open(path) as img:
+        with Image.open(report_image_path(media_dir, rel)) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (side, side))
             img.seek(0)

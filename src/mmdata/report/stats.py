@@ -48,18 +48,32 @@ class Measures:
             table.setdefault(key, []).append(value)
 
 
+def report_image_path(media_dir: Path, rel: str) -> Path:
+    """The file a record's image names, if the report may read it: inside the build's media folder (a record pointing
+    at ``../private/x.png`` or an absolute path elsewhere would put that image into a page meant to be shared) and a
+    regular file (a FIFO would block the report forever). Raises ``FileNotFoundError`` with the reason otherwise."""
+    path = Path(rel) if os.path.isabs(rel) else media_dir / rel
+    try:
+        path.resolve().relative_to(media_dir.resolve())
+    except ValueError:
+        raise FileNotFoundError("image outside the build folder (not read)") from None
+    if path.exists() and not path.is_file():
+        raise FileNotFoundError("image path is not a regular file (not read)")
+    return path
+
+
 def read_image_facts(media_dir: Path, rel: str) -> ImageFacts:
     """Size from the header only (no decode) and file size."""
     from PIL import Image
 
-    path = Path(rel) if os.path.isabs(rel) else media_dir / rel
     facts = ImageFacts(rel)
     try:
+        path = report_image_path(media_dir, rel)
         facts.file_bytes = path.stat().st_size
         with Image.open(path) as img:
             facts.width, facts.height = img.size
-    except FileNotFoundError:
-        facts.error = "image file not found"
+    except FileNotFoundError as e:
+        facts.error = str(e) if "not read" in str(e) else "image file not found"
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         facts.error = f"unreadable image ({type(e).__name__})"
     return facts
