@@ -702,7 +702,11 @@ def merge_shards(output_dir: str | os.PathLike, parts: list[str | os.PathLike], 
         raise BuildError("every shard folder needs its mmdata_build.json: build it with --shard I/N first")
     fingerprints = {m["fingerprint"] for m in manifests}
     if len(fingerprints) != 1:
-        raise BuildError("the shard folders come from different recipes or sources (fingerprints differ)")
+        shared_info = any(((m.get("recipe") or {}).get("output") or {}).get("dataset_info") for m in manifests)
+        raise BuildError("the shard folders come from different recipes or sources (fingerprints differ)" + (
+            "; with output.dataset_info set, the records' image paths depend on each part's folder: build every "
+            "part into one shared output.dir (--shard I/N parts run side by side there), then `mmdata merge DIR`"
+            if shared_info else ""))
     base = manifests[0]
     from .recipes import validate_recipe
 
