@@ -6,7 +6,8 @@ tutorial's export saved weights only and failed with "No chat template is set fo
 is the one training saved with the adapter, else the base model's, else the family's Instruct template
 (``families.py``), so a Qwen3-VL export keeps Qwen3-VL's template (no default system prompt), never Qwen2-VL's.
 The export is checked by reloading the processor from the written folder and rendering a conversation before
-returning.
+returning. The run's ``mmdata_train.json`` is copied beside it, so ``predict --model <export>`` sizes images with
+the trained pixel budget (it ran at the default budget and predicted garbage for a run trained at another).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def export(model: str, adapter: str, output_dir: str, *, model_hub: str = "huggi
         if getattr(processor, part, None) is not None:
             getattr(processor, part).save_pretrained(out)
 
+    record = Path(adapter, "mmdata_train.json")  # the run's settings: `predict --model <export>` reads its pixels
+    if record.is_file():
+        (out / record.name).write_bytes(record.read_bytes())
     reloaded = load_processor(str(out))
     try:
         reloaded.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],

@@ -12,11 +12,13 @@ exactly as in training (the adapter's ``mmdata_train.json`` supplies ``min_pixel
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..samples import conversation_problems
 from .config import TrainError
 from .data import pixel_bounds, processor_pixels, read_conversations, resolve_split, to_messages, trained_size
 from .metrics import compute_metrics
@@ -35,9 +37,10 @@ PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
 
 
-def _training_pixels(adapter: str | None) -> dict:
-    record = Path(adapter or "", "mmdata_train.json")
-    if adapter and record.exists():
+def _training_pixels(trained: str | None) -> dict:
+    """The pixel budget a run trained at: its ``mmdata_train.json`` in the adapter folder, or in a merged export."""
+    record = Path(trained or "", "mmdata_train.json")
+    if trained and record.exists():
         cfg = json.loads(record.read_text()).get("config", {})
         return {k: cfg[k] for k in ("min_pixels", "max_pixels") if k in cfg}
     return {}
@@ -57,10 +60,19 @@ def load_for_inference(model: str, adapter: str | None = None, *, precision: str
     return net.eval(), processor
 
 
-def build_prompts(conversations, processor) -> list[dict]:
-    """``{"prompt", "images", "label"}`` per conversation that ends in an assistant turn."""
+def build_prompts(conversations, processor, skipped: Counter | None = None) -> list[dict]:
+    """``{"prompt", "images", "label"}`` per conversation that ends in an assistant turn. A record the trainer would
+    drop (the rules of ``mmdata validate``, a missing image) is skipped and counted in ``skipped`` by reason: it
+    crashed ``generate`` mid-run ("Found 1 <|image_pad|> tokens ... but no images were passed")."""
     items = []
     for turns, images in conversations:
+        canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
+        problems = conversation_problems(canonical, len(images), allow_empty_answer=True)  # a label may be empty
+        missing = next((p for p in images if not Path(p).is_file()), None)
+        if problems or missing:
+            if skipped is not None:
+                skipped[problems[0].split(":")[0][:80] if problems else "image file not found"] += 1
+            continue
         messages = to_messages(turns)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
@@ -117,11 +129,13 @@ def predict(model: str, dataset: str, output_dir: str, *, adapter: str | None = 
     info_path, names = resolve_split(dataset, split, datasets)
     if not names:
         raise TrainError(f"{info_path}: no {split} split found; pass --split or --datasets NAME")
-    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 768 * 768, **_training_pixels(adapter)}
+    pixels = {"min_pixels": 32 * 32, "max_pixels": 768 * 768,  # the trainer's defaults
+              **_training_pixels(adapter or model)}
     pixels.update({k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v})
     net, processor = load_for_inference(model, adapter, precision=precision,
                                         attn_implementation=attn_implementation)
-    items = build_prompts(read_conversations(info_path, names), processor)[:max_samples]
+    skipped: Counter = Counter()
+    items = build_prompts(read_conversations(info_path, names), processor, skipped)[:max_samples]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = []
@@ -134,6 +148,6 @@ def predict(model: str, dataset: str, output_dir: str, *, adapter: str | None = 
                                 **({"thought": thought} if thought is not None else {})},
                                ensure_ascii=False) + "\n")
     metrics = compute_metrics(predictions, [item["label"] for item in items])
-    metrics.update(split=split, datasets=names, adapter=adapter, model=model)
+    metrics.update(split=split, datasets=names, adapter=adapter, model=model, skipped=dict(skipped))
     (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
