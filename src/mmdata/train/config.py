@@ -61,7 +61,8 @@ class TrainConfig(BaseModel):
                             "autocast; auto: bf16 when the model trains in bf16 without QLoRA or DeepSpeed")
 
     # data
-    min_pixels: int = Field(28 * 28 * 4, ge=28 * 28)
+    # LLaMA-Factory's image_min_pixels / image_max_pixels defaults: images are sized as it sizes them (trained_size)
+    min_pixels: int = Field(32 * 32, ge=1)
     max_pixels: int = Field(768 * 768, ge=28 * 28)
     cutoff_len: int = Field(2048, ge=16)
     batching: Literal["auto", "pad", "pack"] = Field(

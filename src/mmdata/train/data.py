@@ -42,6 +42,7 @@ from ..images import image_info
 from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
 from ..profiles.vision import qwen_lf_resize
+from ..samples import conversation_problems
 from ..tokens import smart_resize
 from .config import TrainError
 
@@ -251,6 +252,12 @@ class SampleEncoder:
         rendered = []
         for turns, images in conversations:
             try:
+                # the rules `mmdata validate` applies (empty or null answers, a last user turn, <image> in the system
+                # prompt...): raw LLaMA-Factory data that breaks them trained on "None<|im_end|>" and the like
+                canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
+                problems = conversation_problems(canonical, len(images))
+                if problems:
+                    raise ValueError(problems[0])
                 messages = to_messages(turns)
                 n_placeholders = sum(1 for m in messages if isinstance(m["content"], list)
                                      for p in m["content"] if p["type"] == "image")
@@ -262,8 +269,9 @@ class SampleEncoder:
                 if sum(text.count(self.image_token) for text, _ in segments) != len(images):
                     raise ValueError(f"the text holds the image token {self.image_token} itself")
                 sizes = [self.target_size(p) for p in images]
-            except (ValueError, OSError) as e:
-                stats.dropped[f"unreadable: {str(e).split(':')[0][:60]}"] += 1
+            except (ValueError, OSError) as e:  # the reason's head (before its first colon) counts it
+                reason = str(e).split(":")[0][:80]
+                stats.dropped[f"unreadable image: {reason}" if isinstance(e, OSError) else reason] += 1
                 continue
             rendered.append((segments, images, sizes))
         # one batched tokenizer call over every text piece of every sample (pieces split around image tokens)

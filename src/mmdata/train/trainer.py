@@ -197,6 +197,24 @@ def _resume_point(config: TrainConfig, model_path: str, family) -> str | None:
     return str(chosen)
 
 
+def _finished_record(config: TrainConfig, checkpoint: str | None) -> dict | None:
+    """The finished run's record when resuming would train nothing: its last checkpoint already reached the steps
+    this config asks for. HF ``Trainer`` resumed such a run by one more step when ``max_steps`` ends mid-epoch
+    (rerunning the same command moved the adapter and rotated a checkpoint out)."""
+    if checkpoint is None or not Path(config.output_dir, RUN_RECORD).is_file():
+        return None
+    state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
+    step = int(state.get("global_step", 0))
+    target = config.max_steps if config.max_steps and config.max_steps > 0 else int(state.get("max_steps") or 0)
+    same_epochs = config.max_steps and config.max_steps > 0 or \
+        float(state.get("num_train_epochs") or 0) == float(config.num_train_epochs)
+    if not (target and step >= target and same_epochs):
+        return None
+    warnings.warn(f"{config.output_dir}: this run already reached step {step} of {target}; nothing to train (a larger "
+                  "--max-steps continues it, --no-resume starts over)", stacklevel=3)
+    return json.loads(Path(config.output_dir, RUN_RECORD).read_text())
+
+
 def _refuse_another_runs_checkpoint(checkpoint: Path, config: TrainConfig, model_path: str, family) -> None:
     """Resuming continues a run; a checkpoint of another LoRA shape or another model family is not this run's (it
     failed to load, or silently went on training a Qwen2-VL adapter on Qwen3-VL)."""
@@ -228,6 +246,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     model_path = resolve_model_path(config.model, config.model_hub)
     family = read_family(model_path)  # an unsupported model fails here, before any data is encoded
     resume_from = _resume_point(config, model_path, family)  # another run's checkpoint too
+    finished = _finished_record(config, resume_from)
+    if finished is not None:
+        return finished
     processor = load_processor(model_path)
     ensure_chat_template(processor, family, model_path)
     data_kwargs = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels, cutoff_len=config.cutoff_len)
