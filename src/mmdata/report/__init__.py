@@ -127,6 +127,7 @@ def _clear_own_report(out: Path) -> None:
             target.unlink()
     (out / OWN_FILES).unlink(missing_ok=True)
 
+
 def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.build_dir, samples=args.samples, seed=args.seed, tokenizer=args.tokenizer,
                         max_records=args.max_records, image_max_pixels=args.image_max_pixels, model=args.model)

@@ -205,10 +205,12 @@ def _finished_record(config: TrainConfig, checkpoint: str | None) -> dict | None
         return None
     state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
     step = int(state.get("global_step", 0))
-    target = config.max_steps if config.max_steps and config.max_steps > 0 else int(state.get("max_steps") or 0)
-    same_epochs = config.max_steps and config.max_steps > 0 or \
-        float(state.get("num_train_epochs") or 0) == float(config.num_train_epochs)
-    if not (target and step >= target and same_epochs):
+    if config.max_steps and config.max_steps > 0:
+        target, same_schedule = config.max_steps, True
+    else:  # epochs: the run's own step count, when it was asked the same epochs
+        target = int(state.get("max_steps") or 0)
+        same_schedule = float(state.get("num_train_epochs") or 0) == float(config.num_train_epochs)
+    if not (same_schedule and target and step >= target):
         return None
     warnings.warn(f"{config.output_dir}: this run already reached step {step} of {target}; nothing to train (a larger "
                   "--max-steps continues it, --no-resume starts over)", stacklevel=3)
