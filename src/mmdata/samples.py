@@ -176,6 +176,19 @@ def conversation_problems(
     return problems
 
 
+#: LLaMA-Factory lets an observation stand where a user turn goes and a function call where an assistant turn goes.
+_LF_TURN_ROLES = {"observation": "user", "function": "assistant"}
+
+
+def lf_conversation_problems(turns: list[tuple[str, object]], n_images: int, n_videos: int = 0,
+                             allow_empty_answer: bool = False) -> list[str]:
+    """:func:`conversation_problems` of a record read with LLaMA-Factory's roles (``lfdata.to_turns``), its
+    tool turns counted as the user or assistant turns they stand for: what ``validate`` reports, what the trainer
+    drops and what ``predict`` skips."""
+    return conversation_problems([(_LF_TURN_ROLES.get(r, r), c) for r, c in turns], n_images, n_videos,
+                                 allow_empty_answer)
+
+
 def sample_json_schema() -> dict:
     """JSON Schema of a written record (``mmdata schema sample``)."""
     return Sample.model_json_schema()

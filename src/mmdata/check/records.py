@@ -12,7 +12,7 @@ from typing import IO
 from .. import lfdata
 from ..errors import SampleError
 from ..images import image_info
-from ..samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, conversation_problems, encodable
+from ..samples import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, encodable, lf_conversation_problems
 from ..tokens import IMAGE_MAX_PIXELS, TokenBudget, lf_image_problem
 from .entries import closest
 from .problems import Problem, Severity, ValidationReport
@@ -175,9 +175,7 @@ class _EntryChecker:
                              "'name' and 'arguments' (or a list of such): LLaMA-Factory fails on it ('Invalid JSON "
                              "format in function message' or KeyError 'arguments')",
                              'write it as {"name": ..., "arguments": {...}}', "conversation", file)
-        # LLaMA-Factory lets observation stand where a user turn goes and function_call where an assistant turn goes.
-        canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
-        for message in conversation_problems(canonical, len(images), len(videos)):
+        for message in lf_conversation_problems(turns, len(images), len(videos)):
             code = "placeholder-count" if "placeholder" in message else "conversation"
             head, sep, tail = message.partition(": ")
             fix = tail if sep else "fix the record so LLaMA-Factory neither drops nor rejects it"

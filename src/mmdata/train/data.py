@@ -42,7 +42,7 @@ from ..images import image_info
 from ..layout import MANIFEST, manifest_dataset_info, read_manifest
 from ..lfdata import DATA_CONFIG, data_files, iter_file_records, parse_entry, read_dataset_info, to_turns
 from ..profiles.vision import qwen_lf_resize
-from ..samples import conversation_problems
+from ..samples import lf_conversation_problems
 from ..tokens import smart_resize
 from .config import TrainError
 
@@ -254,8 +254,7 @@ class SampleEncoder:
             try:
                 # the rules `mmdata validate` applies (empty or null answers, a last user turn, <image> in the system
                 # prompt...): raw LLaMA-Factory data that breaks them trained on "None<|im_end|>" and the like
-                canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
-                problems = conversation_problems(canonical, len(images))
+                problems = lf_conversation_problems(turns, len(images))
                 if problems:
                     raise ValueError(problems[0])
                 messages = to_messages(turns)

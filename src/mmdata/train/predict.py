@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..samples import conversation_problems
+from ..samples import lf_conversation_problems
 from .config import TrainError
 from .data import pixel_bounds, processor_pixels, read_conversations, resolve_split, to_messages, trained_size
 from .metrics import compute_metrics
@@ -66,8 +66,7 @@ def build_prompts(conversations, processor, skipped: Counter | None = None) -> l
     crashed ``generate`` mid-run ("Found 1 <|image_pad|> tokens ... but no images were passed")."""
     items = []
     for turns, images in conversations:
-        canonical = [({"observation": "user", "function": "assistant"}.get(r, r), c) for r, c in turns]
-        problems = conversation_problems(canonical, len(images), allow_empty_answer=True)  # a label may be empty
+        problems = lf_conversation_problems(turns, len(images), allow_empty_answer=True)  # a label may be empty
         missing = next((p for p in images if not Path(p).is_file()), None)
         if problems or missing:
             if skipped is not None:
