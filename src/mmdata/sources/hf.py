@@ -501,12 +501,10 @@ def convert_row(row: dict, labels: dict[str, Callable] | None, first_item: list[
         row["__split__"] = split
     if shape == "columns":
         return row
-    from .jsonfile import FlatRecord, ShapeError, to_canonical
+    from .jsonfile import ShapeError, to_canonical
 
     try:
         return to_canonical(row, shape)
-    except FlatRecord as e:  # plain columns: built when the recipe maps fields.answer (normalize_row)
-        return {**e.row, "__shape_error__": str(e)}
     except ShapeError as e:
         return {"__error__": str(e), "__reason__": "bad record shape", "id": row.get("id"),
                 **({"__split__": split} if split is not None else {})}

@@ -42,14 +42,6 @@ class ShapeError(ValueError):
     """A record matches none of the known shapes; becomes a reject with this message."""
 
 
-class FlatRecord(ShapeError):
-    """An object with none of the conversation keys: plain columns, with its images moved to ``images``."""
-
-    def __init__(self, message: str, row: dict):
-        super().__init__(message)
-        self.row = row
-
-
 @register_source("json")
 @register_source("jsonl")
 class JsonSource(Source):
@@ -88,10 +80,6 @@ class JsonSource(Source):
                 continue
             try:
                 yield {**to_canonical(record, self.params.shape), "__where__": where}
-            except FlatRecord as e:
-                # a record of plain columns (SLAKE's question/answer/img_name): a recipe that maps fields.answer
-                # builds it like a CSV row; without that mapping it is rejected with this reason (normalize_row)
-                yield {**e.row, "__shape_error__": str(e), "__where__": where}
             except ShapeError as e:
                 # Keep the row so the pipeline rejects it with the reason instead of losing it.
                 yield {"__error__": str(e), "__reason__": "bad record shape", "__where__": where,
@@ -180,10 +168,12 @@ def to_canonical(record: object, shape: str = "auto") -> dict:
         message = (f"unrecognised record shape (keys: {shown}); expected messages, conversations or "
                    "instruction/output, or, for a record of plain columns, fields.question (or a prompt) and "
                    "fields.answer in the recipe")
-        if shape == "auto":
-            row["images"] = _record_images(record, row)
-            raise FlatRecord(message, row)
-        raise ShapeError(message)
+        if shape != "auto":
+            raise ShapeError(message)
+        # plain columns (SLAKE's question/answer/img_name): a recipe that maps fields.answer builds them like a CSV
+        # row; any other rejects the row with this reason (normalize_row)
+        row["images"] = _record_images(record, row)
+        row["__shape_error__"] = message
     row["videos"] = _as_list(record.get("videos"))
     return row
 
