@@ -161,8 +161,6 @@ def load_adapter(base, adapter: str, model_path: str):
     """``PeftModel`` of ``base`` + the adapter folder, refused with a :class:`TrainError` when the adapter is not
     one of this base: another model family (merging a Qwen3-VL adapter into Qwen2-VL wrote a model of neither, with
     exit code 0) or other layer shapes."""
-    import json
-
     from peft import PeftModel
 
     if not Path(adapter, "adapter_config.json").exists():
@@ -183,8 +181,6 @@ def load_adapter(base, adapter: str, model_path: str):
 def adapter_family(adapter: Path) -> str | None:
     """The model type an adapter was trained on: its run record (in the folder, or the run's folder above a
     ``checkpoint-N``), else the family of the base folder its config names, if that still exists."""
-    import json
-
     for record in (adapter / "mmdata_train.json", adapter.parent / "mmdata_train.json"):
         if record.is_file():
             model_type = json.loads(record.read_text(encoding="utf-8")).get("model_type")
@@ -380,25 +376,6 @@ def should_compile(config: TrainConfig) -> bool:
     return bool(config.compile)
 
 
-
-def compile_vision_blocks(model) -> None:
-    """``torch.compile`` each block of the frozen vision tower (the trainer does it when the tower runs without
-    grad, :func:`run_frozen_vision_without_grad`, and ``compile_vision`` is on).
-
-    Why: the tower's forward is a fixed share of every step (a Med micro-batch of 16: ~21k patches through 32
-    blocks, ~112 ms of a ~530 ms step on an H200, run E), and eager it runs each block's LayerNorms, the fp32
-    rotary embedding and QuickGELU as separate memory-bound kernels over the whole (patches x width) tensor. A
-    compiled block fuses them around the matrix products. The tower computes its attention boundaries once per
-    forward outside the blocks (``cu_seqlens``, ``max_seqlen``), so a block compiles whole, without a graph break
-    (tested for the three families); ``dynamic=True`` because the patch count changes with every micro-batch. No
-    autograd runs through the frozen tower, so the graphs are inference graphs (no backward to compile).
-    """
-    import torch._dynamo.config
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for block in vision_tower(model).blocks:
-        block.compile(dynamic=True)
-
 # graphs per compiled function before torch falls back to eager: train and eval modes, grad and no-grad, a short
 # last micro-batch each add one (the default, 8, was reached by RMSNorm in a run with evaluation)
 RECOMPILE_LIMIT = 32
@@ -499,9 +476,7 @@ def compile_language_layers(model, scope: str = "layers") -> None:
     ``parts``: the layer's children (attention, MLP, norms) compiled apart, under the eager checkpoint, which
     restores the RNG state before recomputing, so the recomputed masks are the forward's (tested).
     """
-    import torch._dynamo.config
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    _allow_recompiles()
     if scope == "layers":
         draw_lora_masks_apart(model)
     for layer in language_model(model).layers:
@@ -510,3 +485,27 @@ def compile_language_layers(model, scope: str = "layers") -> None:
         else:
             for child in layer.children():
                 child.compile(dynamic=True)
+
+
+def compile_vision_blocks(model) -> None:
+    """``torch.compile`` each block of the frozen vision tower (the trainer does it when the tower runs without
+    grad, :func:`run_frozen_vision_without_grad`, and ``compile_vision`` is on).
+
+    Why: the tower's forward is a fixed share of every step (a Med micro-batch of 16: ~21k patches through 32
+    blocks, ~112 ms of a ~530 ms step on an H200, run E), and eager it runs each block's LayerNorms, the fp32
+    rotary embedding and QuickGELU as separate memory-bound kernels over the whole (patches x width) tensor. A
+    compiled block fuses them around the matrix products. The tower computes its attention boundaries once per
+    forward outside the blocks (``cu_seqlens``, ``max_seqlen``), so a block compiles whole, without a graph break
+    (tested for the three families); ``dynamic=True`` because the patch count changes with every micro-batch. No
+    autograd runs through the frozen tower, so the graphs are inference graphs (no backward to compile).
+    """
+    _allow_recompiles()
+    for block in vision_tower(model).blocks:
+        block.compile(dynamic=True)
+
+
+def _allow_recompiles() -> None:
+    """Raise torch's graphs-per-function limit to :data:`RECOMPILE_LIMIT` (never lower a larger one)."""
+    import torch._dynamo.config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
