@@ -522,7 +522,8 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
         return hidden[-1]
 
     def step():  # as the trainer runs it: bf16 model and adapters, no autocast
-        loss = projected_cross_entropy_sum(forward()[positions], head.weight, targets) / targets.numel()
+        loss = projected_cross_entropy_sum(forward()[positions], head.weight, targets,
+                                           compiled=compile_layers) / targets.numel()
         loss.backward()
 
     def timed(fn, n=3):

@@ -265,6 +265,39 @@ def test_labelled_position_losses_match_the_models_own_loss_and_gradient(build_d
     assert zero.item() == 0.0 and empty.grad.shape == empty.shape
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_loss_takes_autograds_gradients_in_its_forward(dtype, compiled):
+    """The loss's gradients, taken chunk by chunk in the forward pass (eager, and as the compiled kernel the trainer
+    runs on a GPU), equal autograd's through full logits: hidden states and, where it trains, the projection weight;
+    a confident target (softmax near 1, where ``p - 1`` in bf16 would lose the difference) included. Tolerance,
+    relative to the largest gradient: fp32 1e-5 (sums over 1,000 logits in another order), bf16 2**-7 (two units in
+    the last place: the kept gradient is rounded to bf16 once before it is scaled by the upstream gradient)."""
+    from mmdata.train.loss import projected_cross_entropy_sum
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    rows, width, vocab = 37, 16, 1000
+    hidden = (torch.randn(rows, width) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, width).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,))
+    targets[0] = int((hidden[0].float() @ weight.T).argmax())
+
+    def gradients(loss):
+        hidden.grad = weight.grad = None
+        (loss * 3).backward()  # an upstream gradient other than 1 (the trainer divides by the label count)
+        return loss.item(), hidden.grad.float(), weight.grad
+
+    got = gradients(projected_cross_entropy_sum(hidden, weight, targets, chunk=8, compiled=compiled))
+    expected = gradients(F.cross_entropy(F.linear(hidden, weight.to(dtype)).float(), targets, reduction="sum"))
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+    for mine, reference in zip(got[1:], expected[1:], strict=True):
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(mine, reference, rtol=0, atol=scale * (1e-5 if dtype == torch.float32 else 2**-7))
+    with torch.no_grad():  # evaluation: the loss alone, no gradient kept
+        assert projected_cross_entropy_sum(hidden, weight, targets).item() == pytest.approx(expected[0], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 

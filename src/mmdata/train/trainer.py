@@ -52,12 +52,14 @@ def _trainer_class():
 
         ``autocast``: the dtype to autocast the forward pass to, or None. The trainer autocasts the forward itself
         instead of asking accelerate (``bf16=True``), whose wrapper hands back every output as an fp32 copy.
+        ``compile_loss``: run the loss's per-chunk softmax and gradient compiled (``loss.py``).
         """
 
-        def __init__(self, *args, autocast: torch.dtype | None = None, **kwargs):
+        def __init__(self, *args, autocast: torch.dtype | None = None, compile_loss: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # our loss divides by the batch's label count itself
             self.autocast = autocast
+            self.compile_loss = compile_loss
             # ZeRO-3 and FSDP shard lm_head's weight, which then exists whole only inside the model's forward
             from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -94,7 +96,9 @@ def _trainer_class():
                         warnings.warn("this transformers version ignores logits_to_keep and computes every "
                                       "position's logits (more memory); upgrade transformers", stacklevel=2)
                     head = self.model.get_output_embeddings()
-                    return projected_cross_entropy_sum(hidden[-1][positions], head.weight, targets), outputs
+                    loss = projected_cross_entropy_sum(hidden[-1][positions], head.weight, targets,
+                                                       compiled=self.compile_loss)
+                    return loss, outputs
                 keep = positions.any(dim=0).nonzero().squeeze(1)
                 outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
             logits = outputs.logits
@@ -293,7 +297,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     if vision_compiled:
         compile_vision_blocks(model)
     trainer = (trainer_class or _trainer_class())(
-        callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
+        callbacks=callbacks, autocast=_forward_autocast(config, dtype, adapter_dtype), compile_loss=compiled,
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
         data_collator=VisionSFTCollator(processor.tokenizer.pad_token_id, pack=pack), processing_class=processor)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(config.output_dir)
