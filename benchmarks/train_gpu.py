@@ -494,6 +494,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
         compile_language_layers,
         compile_vision_blocks,
         enable_checkpointing,
+        fuse_lora_into_wide_projections,
         load_model,
         pick_attention,
         run_frozen_vision_without_grad,
@@ -509,6 +510,7 @@ def profile_mmdata_step(root: Path, kind: str, batch: int, out: Path, compile_la
     model.train()
     run_frozen_vision_without_grad(model)
     if compile_layers:
+        fuse_lora_into_wide_projections(model)
         compile_language_layers(model, scope)
         compile_vision_blocks(model)
     batch_t.pop("labels")

@@ -664,6 +664,55 @@ def test_compiled_layers_replay_lora_dropout_masks_under_checkpointing(tiny_mode
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_wide_projections_give_peft_gradients(tiny_model, compiled):
+    """gate_proj and up_proj computed with their LoRA update as one product (model.fuse_lora_into_wide_projections,
+    what the trainer does where it compiles) give PEFT's outputs and every adapter's gradient, dropout on, eager and
+    in compiled checkpointed layers as the trainer runs them; the narrower projections stay PEFT's."""
+    from mmdata.train.model import (
+        attach_lora,
+        compile_language_layers,
+        enable_checkpointing,
+        fuse_lora_into_wide_projections,
+        language_model,
+        load_model,
+    )
+
+    config = load_train_config(None, model=str(tiny_model), dataset="d", lora_dropout=0.3, lora_r=8)
+
+    def outputs_and_gradients(fused: bool) -> list:
+        torch.manual_seed(0)
+        model = attach_lora(load_model(str(tiny_model), dtype=torch.float32), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero, which would hide A's gradients
+                torch.nn.init.normal_(param, std=0.1)
+        layers = language_model(model).layers
+        if fused:
+            assert fuse_lora_into_wide_projections(model) == 2 * len(layers)
+            assert "forward" in vars(layers[0].mlp.up_proj) and "forward" not in vars(layers[0].mlp.down_proj)
+        if compiled:
+            enable_checkpointing(model, keep_dropout=True)
+            compile_language_layers(model)
+        model.train()
+        results = []
+        for length in (40, 72):
+            torch.manual_seed(length)
+            ids = torch.randint(0, 500, (2, length))
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            logits.logsumexp(-1).mean().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logits.detach(), grads))
+            model.zero_grad()
+        return results
+
+    for (fused_logits, fused_grads), (logits, grads) in zip(outputs_and_gradients(True), outputs_and_gradients(False),
+                                                            strict=True):
+        torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+        assert fused_grads.keys() == grads.keys() and any("up_proj.lora_B" in n for n in grads)
+        for name in grads:
+            torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("lora_vision", [False, True])
 def test_frozen_vision_tower_is_not_differentiated(build_dir, processor, tiny_model, lora_vision):
     """Gradient checkpointing hooks the patch embedding to require grad; a frozen tower must still run without

@@ -11,11 +11,12 @@ step, so the gradient of each chunk's logits (softmax minus the one-hot target) 
 Taking it there and multiplying it into the projection at once leaves backward nothing to do but scale the kept
 (rows x hidden) gradient by the loss's upstream gradient. The earlier version checkpointed each chunk and so ran the
 vocabulary projection three times per step (forward, recompute, gradient) and the fp32 softmax, its gradient and
-the one-hot scatter as separate kernels over (rows x 151,936); on an H200 those were ~50 ms of a ~370 ms
-MedTrinity-length step (9,375 labelled rows). This is the idea of Liger-Kernel's fused linear cross-entropy, in
-plain PyTorch so it runs on any device; where the trainer compiles (``compile``), the per-chunk softmax and its
-gradient run as one inductor kernel that reads the bf16 logits and writes their bf16 gradient, and chunks are 4x
-larger (:data:`COMPILED_LOSS_CHUNK`) at about the same memory.
+the one-hot scatter as separate kernels over (rows x 151,936); without them MedTrinity-length steps (~590 labelled
+rows per record) ran 1.09-1.11x faster on an H200, at the same loss curve (benchmarks/README.md, run I). This is
+the idea of Liger-Kernel's fused linear cross-entropy, in plain PyTorch so it runs on any device; where the trainer
+compiles (``compile``), the per-chunk softmax and its gradient run as one inductor kernel that reads the bf16
+logits and writes their bf16 gradient, and chunks are 4x larger (:data:`COMPILED_LOSS_CHUNK`) at about the same
+memory.
 """
 
 from __future__ import annotations

@@ -341,6 +341,75 @@ def attach_lora(model, config: TrainConfig, adapter_dtype: torch.dtype = torch.f
     return peft_model
 
 
+def fuse_lora_into_wide_projections(model) -> int:
+    """Compute each adapted projection that widens its input (the MLP's ``gate_proj`` and ``up_proj``) and its LoRA
+    update as one matrix product (:class:`LinearWithLoRA`); returns how many were fused.
+
+    Why: PEFT adds ``lora_B(lora_A(x)) * scaling`` to ``base(x)``, so each of these projections writes a second
+    (tokens x intermediate) tensor and everything after reads both; in backward the output's gradient is read once
+    more for ``lora_B``'s input gradient. Appending the scaled ``lora_A(x)`` to the input's columns and ``lora_B`` to
+    the weight's gives the same sum from one product whose inner dimension is ``rank`` longer: the extra copy is of
+    the narrow input, not of the wide output. On a Qwen2-VL-2B MedTrinity-length step those two tensors are
+    intermediate = 5.8x hidden wide (benchmarks/README.md, run I). Narrower projections gain nothing and stay PEFT's.
+
+    The trainer fuses only where it compiles the layers (``should_compile``: no QLoRA, DeepSpeed or FSDP, whose
+    weights are quantized or gathered only inside the base layer's own call). Skipped: DoRA and other variants,
+    several active adapters, a LoRA bias. The module keeps its class and parameters, so saving and loading the
+    adapter is PEFT's own.
+    """
+    fused = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if (type(base) is torch.nn.Linear and base.out_features > base.in_features
+                and len(getattr(module, "active_adapters", ())) == 1
+                and not getattr(module, "lora_variant", {}) and not getattr(module, "merged", True)):
+            name = module.active_adapters[0]
+            if name in module.lora_A and module.lora_B[name].bias is None:
+                module.forward = types.MethodType(_forward_with_fused_lora, module)
+                fused += 1
+    return fused
+
+
+def _forward_with_fused_lora(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` for one plain adapter, through :class:`LinearWithLoRA`; anything else (adapters
+    disabled or merged since, extra arguments) goes to PEFT's own forward."""
+    if args or kwargs or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    lora_a = self.lora_A[name]
+    scaled = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))) * self.scaling[name]
+    out = LinearWithLoRA.apply(x, scaled, self.base_layer.weight, self.lora_B[name].weight)
+    return out if self.base_layer.bias is None else out + self.base_layer.bias
+
+
+class LinearWithLoRA(torch.autograd.Function):
+    """``x @ W.T + scaled @ B.T`` as ``[x, scaled] @ [W, B].T`` (``W`` frozen, ``B`` LoRA's up-projection).
+
+    Backward: one product of the output's gradient with ``[W, B]`` gives the gradients of ``x`` and ``scaled``
+    together (the last ``rank`` columns are ``scaled``'s), and ``B``'s gradient is ``grad.T @ scaled``; ``W`` gets
+    none. Nothing but ``scaled`` (tokens x rank) is kept for backward besides the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scaled, weight, lora_b):
+        ctx.save_for_backward(scaled, weight, lora_b)
+        joined = torch.cat([x, scaled.to(x.dtype)], dim=-1)
+        return torch.nn.functional.linear(joined, torch.cat([weight, lora_b.to(weight.dtype)], dim=1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        scaled, weight, lora_b = ctx.saved_tensors
+        joined_grad = grad @ torch.cat([weight, lora_b.to(weight.dtype)], dim=1).to(grad.dtype)
+        width = weight.shape[1]
+        grad_x = joined_grad[..., :width] if ctx.needs_input_grad[0] else None
+        grad_scaled = joined_grad[..., width:].to(scaled.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[3]:
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            grad_b = (flat_grad.T @ scaled.reshape(-1, scaled.shape[-1]).to(grad.dtype)).to(lora_b.dtype)
+        return grad_x, grad_scaled, None, grad_b
+
+
 def run_frozen_vision_without_grad(model) -> bool:
     """Run the vision tower under ``torch.no_grad`` when none of its weights train; returns whether it does.
 

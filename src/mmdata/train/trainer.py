@@ -30,6 +30,7 @@ from .model import (
     compile_vision_blocks,
     enable_checkpointing,
     ensure_chat_template,
+    fuse_lora_into_wide_projections,
     load_model,
     load_processor,
     pick_adapter_dtype,
@@ -288,7 +289,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
     frozen_vision = run_frozen_vision_without_grad(model)
     if own_checkpointing:
         enable_checkpointing(model, keep_dropout=True)
-    if compiled:
+    fused = 0
+    if compiled:  # fused only where compiled: QLoRA, DeepSpeed and FSDP reach the base weight inside its own call
+        fused = fuse_lora_into_wide_projections(model)
         compile_language_layers(model, config.compile_scope)
     # vision blocks compile whole only where attention takes the tower's boundaries (the flash kinds); under SDPA
     # the tower splits its patches image by image on the host, a graph break in every block
@@ -317,6 +320,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None, trainer_class=N
         "compiled": compiled,
         "compile_scope": config.compile_scope if compiled else None,
         "compiled_vision": vision_compiled,
+        "fused_lora_projections": fused,
         "metrics": result.metrics,
         "global_step": trainer.state.global_step,
     }
