@@ -296,6 +296,10 @@ def test_projected_loss_takes_autograds_gradients_in_its_forward(dtype, compiled
         torch.testing.assert_close(mine, reference, rtol=0, atol=scale * (1e-5 if dtype == torch.float32 else 2**-7))
     with torch.no_grad():  # evaluation: the loss alone, no gradient kept
         assert projected_cross_entropy_sum(hidden, weight, targets).item() == pytest.approx(expected[0], rel=1e-6)
+    # under the trainer's autocast (fp32 adapters on a bf16 model) the products keep the hidden states' dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = projected_cross_entropy_sum(hidden, weight, targets, chunk=8, compiled=compiled)
+    assert gradients(autocast)[0] == pytest.approx(expected[0], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -73,14 +73,17 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = hidden[start: start + chunk]
-            loss, logit_grad = loss_and_logit_grad(rows @ weight.T, targets[start: start + chunk])
-            total += loss
-            if want_hidden:
-                torch.mm(logit_grad, weight, out=grad_hidden[start: start + chunk])
-            if want_weight:
-                grad_weight += (logit_grad.T @ rows).float()
+        # the products run in the hidden states' dtype, whatever autocast the trainer's forward is under (the
+        # gradient is written into ``grad_hidden`` in place, which autocast would not cast for)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                rows = hidden[start: start + chunk]
+                loss, logit_grad = loss_and_logit_grad(rows @ weight.T, targets[start: start + chunk])
+                total += loss
+                if want_hidden:
+                    torch.mm(logit_grad, weight, out=grad_hidden[start: start + chunk])
+                if want_weight:
+                    grad_weight += (logit_grad.T @ rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
