@@ -715,6 +715,8 @@ def test_fused_wide_projections_give_peft_gradients(tiny_model, compiled):
         assert fused_grads.keys() == grads.keys() and any("up_proj.lora_B" in n for n in grads)
         for name in grads:
             torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+    dora = load_train_config(None, model=str(tiny_model), dataset="d", lora_r=8, use_dora=True)
+    assert fuse_lora_into_wide_projections(attach_lora(load_model(str(tiny_model), dtype=torch.float32), dora)) == 0
 
 
 @pytest.mark.parametrize("lora_vision", [False, True])

@@ -354,17 +354,20 @@ def fuse_lora_into_wide_projections(model) -> int:
 
     The trainer fuses only where it compiles the layers (``should_compile``: no QLoRA, DeepSpeed or FSDP, whose
     weights are quantized or gathered only inside the base layer's own call). Skipped: DoRA and other variants,
-    several active adapters, a LoRA bias. The module keeps its class and parameters, so saving and loading the
-    adapter is PEFT's own.
+    several active adapters, a LoRA bias, and PEFT before 0.16 (where a DoRA module cannot be told apart this way).
+    The module keeps its class and parameters, so saving and loading the adapter is PEFT's own; its ``forward`` is
+    an instance attribute, so the whole model object no longer pickles (the trainer never pickles it).
     """
     fused = 0
     for module in model.modules():
         base = getattr(module, "base_layer", None)
+        # lora_variant (DoRA and others) and _cast_input_dtype exist from PEFT 0.16; before, a DoRA module looks plain
         if (type(base) is torch.nn.Linear and base.out_features > base.in_features
-                and len(getattr(module, "active_adapters", ())) == 1
-                and not getattr(module, "lora_variant", {}) and not getattr(module, "merged", True)):
+                and len(getattr(module, "active_adapters", ())) == 1 and hasattr(module, "_cast_input_dtype")
+                and getattr(module, "lora_variant", None) == {} and not getattr(module, "merged", True)):
             name = module.active_adapters[0]
-            if name in module.lora_A and module.lora_B[name].bias is None:
+            if (name in module.lora_A and module.lora_B[name].bias is None
+                    and not getattr(module, "use_dora", {}).get(name)):
                 module.forward = types.MethodType(_forward_with_fused_lora, module)
                 fused += 1
     return fused
